@@ -1,0 +1,28 @@
+# mmcap developer entry points. `make test` builds .venv from nothing (pinned, CPU) and runs
+# the CPU test suite; GPU-only tests carry the `gpu` marker and skip themselves without CUDA.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmcap-installed
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-cpu.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt
+	MMCAP_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --disable-pip-version-check --no-deps \
+		--no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

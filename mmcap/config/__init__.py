@@ -1,0 +1,23 @@
+"""Typed configuration: model components, parallel layout, precision, named presets."""
+
+from mmcap.config.model import (
+    ConfigError,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    VisionConfig,
+    replace,
+)
+from mmcap.config.parallel import (
+    ParallelConfig,
+    PrecisionConfig,
+    validate_decoder_layout,
+    validate_layout,
+)
+from mmcap.config.presets import get_preset, list_presets, register_preset
+
+__all__ = [
+    "ConfigError", "DecoderConfig", "EncoderConfig", "ModelConfig", "VisionConfig", "replace",
+    "ParallelConfig", "PrecisionConfig", "validate_decoder_layout", "validate_layout", "get_preset", "list_presets",
+    "register_preset",
+]

@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: key tables between transformers models and mmcap."""

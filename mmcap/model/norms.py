@@ -1,0 +1,41 @@
+"""Gemma's zero-centred RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32.
+
+megatron-core has no such norm without TE/apex (``WrappedTorchNorm`` asserts on
+zero-centred gamma, MEGATRON_CPU.md), so mmcap owns it. With sequence parallelism the input
+is a sequence shard, so the weight's gradient is partial per TP rank: the parameter carries
+megatron-core's ``sequence_parallel`` attribute and is all-reduced over the TP group by
+``finalize_model_grads`` (or :func:`mmcap.parallel.tp.allreduce_sequence_parallel_grads`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm with (1 + weight) scaling, as transformers' Gemma2RMSNorm.
+
+    Args:
+        hidden_size: normalised width.
+        eps: added to the mean square (Gemma-2: 1e-6).
+        sequence_parallel: mark the weight for the TP all-reduce of its gradient.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, sequence_parallel: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        # Zero-centred gamma: 0 means identity scale.
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics and scale, cast back last (HF: "(x * w).to(dtype) differs from
+        # x.to(dtype) * w" — Gemma multiplies in float32 before the cast).
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"

@@ -1,0 +1,134 @@
+"""Run test functions in N gloo processes (OLMo-core's ``run_distributed_test``, pooled).
+
+Starting processes and a torch.distributed world costs seconds per test on a 2-core machine,
+so :class:`DistributedWorkers` starts the world ONCE (e.g. per test module, via a pytest
+fixture) and then runs any number of functions in it; :func:`run_distributed_test` is the
+one-shot form. Each function runs on every rank as ``fn(*args)`` and its return value (any
+picklable object) comes back as a list indexed by rank; an exception on any rank is re-raised
+in the parent with every failing rank's traceback.
+
+Functions must be importable module-level callables (they are pickled by reference). Workers
+are forked, so the caller's already-imported modules (the test module, torch, megatron-core)
+are reused rather than imported again.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+_STOP = "__stop__"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results, threads: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mmcap.parallel.cpu_shim import apply_cpu_shim
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    apply_cpu_shim()
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    except Exception:  # report the failure instead of hanging the parent
+        results.put((rank, False, traceback.format_exc()))
+        return
+    while True:
+        item = tasks.get()
+        if item == _STOP:
+            break
+        fn, args, kwargs = item
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - sent back to the parent verbatim
+            results.put((rank, False, traceback.format_exc()))
+    try:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    except Exception:
+        pass
+    dist.destroy_process_group()
+
+
+class DistributedWorkers:
+    """A pool of ``world_size`` processes sharing one gloo world.
+
+    Args:
+        world_size: number of ranks.
+        timeout: seconds to wait for every rank's result of one call.
+        threads: torch intra-op threads per rank (1 keeps 2-4 ranks on 2 cores honest).
+    """
+
+    def __init__(self, world_size: int, timeout: float = 300.0, threads: int = 1) -> None:
+        self.world_size = world_size
+        self.timeout = timeout
+        ctx = mp.get_context("fork")
+        port = _free_port()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r],
+                                               self._results, threads), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results."""
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        out: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        while len(out) + len(errors) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=self.timeout)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                self.close(force=True)
+                raise TimeoutError(
+                    f"{fn.__name__}: no result from ranks "
+                    f"{sorted(set(range(self.world_size)) - set(out) - set(errors))} within "
+                    f"{self.timeout:.0f} s (dead ranks: {dead})") from None
+            (out if ok else errors)[rank] = value
+        if errors:
+            msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise AssertionError(f"{fn.__name__} failed on ranks {sorted(errors)}:\n{msg}")
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self._tasks:
+                q.put(_STOP)
+            for p in self._procs:
+                p.join(timeout=30)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def __enter__(self) -> "DistributedWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(force=exc[0] is not None)
+
+
+def run_distributed_test(fn: Callable[..., Any], world_size: int, *args,
+                         timeout: float = 300.0, **kwargs) -> list[Any]:
+    """One-shot: start ``world_size`` gloo ranks, run ``fn`` on each, return per-rank results."""
+    with DistributedWorkers(world_size, timeout=timeout) as workers:
+        return workers.run(fn, *args, **kwargs)

@@ -1,0 +1,73 @@
+"""mmcap package. CUDA extensions in csrc/<op>/ are built only when CUDA is available.
+
+Set MMCAP_SKIP_CUDA_BUILD=1 to skip them (CPU machines, CI). Each csrc/<op>/ folder holds one
+extension: ``*_api.cpp`` bindings + ``*.cu`` kernels, built as ``mmcap_<op>_cuda``.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    if os.environ.get("MMCAP_SKIP_CUDA_BUILD", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if CUDA_HOME is None or torch.version.cuda is None:
+        print("mmcap: no CUDA toolkit / CUDA torch found; skipping csrc/ extensions")
+        return [], {}
+    exts = []
+    for op_dir in sorted(glob.glob(os.path.join(HERE, "csrc", "*", ""))):
+        op = os.path.basename(os.path.dirname(op_dir))
+        sources = sorted(glob.glob(os.path.join(op_dir, "*.cpp")) +
+                         glob.glob(os.path.join(op_dir, "*.cu")))
+        if not sources:
+            continue
+        exts.append(CUDAExtension(
+            name=f"mmcap_{op}_cuda",
+            sources=[os.path.relpath(s, HERE) for s in sources],
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+                                         "-gencode", "arch=compute_90,code=sm_90",
+                                         "-gencode", "arch=compute_80,code=sm_80"]}))
+    return exts, ({"build_ext": BuildExtension} if exts else {})
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="mmcap",
+    version="0.1.0",
+    description="Megatron-style training of multilingual image-captioning models "
+                "(Florence-2 vision/encoder + Florence-2 or Gemma-2 decoders)",
+    packages=find_packages(include=["mmcap", "mmcap.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Ranges, not pins: GPU images (NGC) bring their own torch, which must not be replaced.
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "psutil",
+        "numpy",
+        "sentencepiece",
+        "safetensors",
+        "transformers>=5.0",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "flash": ["flash-attn>=2.6.3"],  # softcap + sliding window
+        "dali": ["nvidia-dali-cuda120"],
+        # apex is not on PyPI: build it from source (--cpp_ext --cuda_ext) if you want its
+        # fused optimizers / gradient-accumulation fusion; mmcap runs without it.
+        "apex": [],
+        "dev": ["pytest", "ruff"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
