@@ -26,17 +26,29 @@ def cuda_extensions():
     exts = []
     for op_dir in sorted(glob.glob(os.path.join(HERE, "csrc", "*", ""))):
         op = os.path.basename(os.path.dirname(op_dir))
-        sources = sorted(glob.glob(os.path.join(op_dir, "*.cpp")) +
-                         glob.glob(os.path.join(op_dir, "*.cu")))
+        sources = sorted(
+            glob.glob(os.path.join(op_dir, "*.cpp")) + glob.glob(os.path.join(op_dir, "*.cu"))
+        )
         if not sources:
             continue
-        exts.append(CUDAExtension(
-            name=f"mmcap_{op}_cuda",
-            sources=[os.path.relpath(s, HERE) for s in sources],
-            extra_compile_args={"cxx": ["-O3"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
-                                         "-gencode", "arch=compute_90,code=sm_90",
-                                         "-gencode", "arch=compute_80,code=sm_80"]}))
+        exts.append(
+            CUDAExtension(
+                name=f"mmcap_{op}_cuda",
+                sources=[os.path.relpath(s, HERE) for s in sources],
+                extra_compile_args={
+                    "cxx": ["-O3"],
+                    "nvcc": [
+                        "-O3",
+                        "--use_fast_math",
+                        "-lineinfo",
+                        "-gencode",
+                        "arch=compute_90,code=sm_90",
+                        "-gencode",
+                        "arch=compute_80,code=sm_80",
+                    ],
+                },
+            )
+        )
     return exts, ({"build_ext": BuildExtension} if exts else {})
 
 
@@ -46,7 +58,7 @@ setup(
     name="mmcap",
     version="0.1.0",
     description="Megatron-style training of multilingual image-captioning models "
-                "(Florence-2 vision/encoder + Florence-2 or Gemma-2 decoders)",
+    "(Florence-2 vision/encoder + Florence-2 or Gemma-2 decoders)",
     packages=find_packages(include=["mmcap", "mmcap.*"]),
     python_requires=">=3.10",
     install_requires=[

@@ -27,9 +27,12 @@ def _cpu_shim():
 @pytest.fixture(scope="module")
 def single_rank_parallel_state():
     """A world of one with megatron-core groups TP=PP=1, for single-process model tests."""
+    import torch.distributed as dist
+
     from mmcap.config import ParallelConfig
     from mmcap.parallel import destroy_model_parallel, initialize_model_parallel
 
     initialize_model_parallel(ParallelConfig(), seed=1234)
     yield
     destroy_model_parallel()
+    dist.destroy_process_group()  # later modules may fork worker pools from a clean process

@@ -24,8 +24,11 @@ def main(argv=None) -> int:
 
     cfg = get_preset(args.preset)
     if cfg.decoder.arch != "gemma2":
-        print(f"{args.preset}: the Florence BART decoder is not built yet; only Gemma-2 "
-              "decoders can be counted", file=sys.stderr)
+        print(
+            f"{args.preset}: the Florence BART decoder is not built yet; only Gemma-2 "
+            "decoders can be counted",
+            file=sys.stderr,
+        )
         return 2
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     validate_decoder_layout(cfg.decoder, parallel)

@@ -17,7 +17,17 @@ from mmcap.config.parallel import (
 from mmcap.config.presets import get_preset, list_presets, register_preset
 
 __all__ = [
-    "ConfigError", "DecoderConfig", "EncoderConfig", "ModelConfig", "VisionConfig", "replace",
-    "ParallelConfig", "PrecisionConfig", "validate_decoder_layout", "validate_layout", "get_preset", "list_presets",
+    "ConfigError",
+    "DecoderConfig",
+    "EncoderConfig",
+    "ModelConfig",
+    "VisionConfig",
+    "replace",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "validate_decoder_layout",
+    "validate_layout",
+    "get_preset",
+    "list_presets",
     "register_preset",
 ]

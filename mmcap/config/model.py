@@ -24,8 +24,11 @@ def _require(cond: bool, field_name: str, msg: str) -> None:
 def _positive(obj, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _require(isinstance(v, int) and v > 0, f"{type(obj).__name__}.{n}",
-                 f"must be a positive integer, got {v!r}")
+        _require(
+            isinstance(v, int) and v > 0,
+            f"{type(obj).__name__}.{n}",
+            f"must be a positive integer, got {v!r}",
+        )
 
 
 @dataclass
@@ -63,22 +66,41 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         n = len(self.embed_dim)
-        for name in ("depths", "num_heads", "num_groups", "patch_size", "patch_stride",
-                     "patch_padding", "patch_prenorm"):
-            _require(len(getattr(self, name)) == n, f"VisionConfig.{name}",
-                     f"needs one entry per stage ({n} stages from embed_dim), got "
-                     f"{len(getattr(self, name))}")
+        for name in (
+            "depths",
+            "num_heads",
+            "num_groups",
+            "patch_size",
+            "patch_stride",
+            "patch_padding",
+            "patch_prenorm",
+        ):
+            _require(
+                len(getattr(self, name)) == n,
+                f"VisionConfig.{name}",
+                f"needs one entry per stage ({n} stages from embed_dim), got "
+                f"{len(getattr(self, name))}",
+            )
         for i, (d, h, g) in enumerate(zip(self.embed_dim, self.num_heads, self.num_groups)):
-            _require(d % h == 0, "VisionConfig.num_heads",
-                     f"stage {i}: embed_dim {d} is not divisible by num_heads {h}")
-            _require(d % g == 0, "VisionConfig.num_groups",
-                     f"stage {i}: embed_dim {d} is not divisible by num_groups {g}")
+            _require(
+                d % h == 0,
+                "VisionConfig.num_heads",
+                f"stage {i}: embed_dim {d} is not divisible by num_heads {h}",
+            )
+            _require(
+                d % g == 0,
+                "VisionConfig.num_groups",
+                f"stage {i}: embed_dim {d} is not divisible by num_groups {g}",
+            )
         _positive(self, "window_size", "projection_dim", "image_size")
         total_stride = 1
         for s in self.patch_stride:
             total_stride *= s
-        _require(self.image_size % total_stride == 0, "VisionConfig.image_size",
-                 f"must be a multiple of the total patch stride {total_stride}")
+        _require(
+            self.image_size % total_stride == 0,
+            "VisionConfig.image_size",
+            f"must be a multiple of the total patch stride {total_stride}",
+        )
 
     @property
     def grid_size(self) -> int:
@@ -119,14 +141,26 @@ class EncoderConfig:
     pad_token_id: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                  "vocab_size", "padded_vocab_size", "max_position_embeddings")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 "EncoderConfig.num_attention_heads",
-                 f"hidden_size {self.hidden_size} must be divisible by it "
-                 f"({self.num_attention_heads})")
-        _require(self.padded_vocab_size >= self.vocab_size, "EncoderConfig.padded_vocab_size",
-                 f"must be >= vocab_size {self.vocab_size}")
+        _positive(
+            self,
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "padded_vocab_size",
+            "max_position_embeddings",
+        )
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "EncoderConfig.num_attention_heads",
+            f"hidden_size {self.hidden_size} must be divisible by it ({self.num_attention_heads})",
+        )
+        _require(
+            self.padded_vocab_size >= self.vocab_size,
+            "EncoderConfig.padded_vocab_size",
+            f"must be >= vocab_size {self.vocab_size}",
+        )
 
 
 DecoderArch = Literal["gemma2", "bart"]
@@ -180,40 +214,68 @@ class DecoderConfig:
     decoder_start_token_id: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.arch in ("gemma2", "bart"), "DecoderConfig.arch",
-                 f"must be 'gemma2' or 'bart', got {self.arch!r}")
-        _positive(self, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_kv_heads", "head_dim", "vocab_size", "make_vocab_size_divisible_by")
-        _require(self.num_attention_heads % self.num_kv_heads == 0,
-                 "DecoderConfig.num_kv_heads",
-                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
-                 f"num_kv_heads {self.num_kv_heads} (GQA groups)")
+        _require(
+            self.arch in ("gemma2", "bart"),
+            "DecoderConfig.arch",
+            f"must be 'gemma2' or 'bart', got {self.arch!r}",
+        )
+        _positive(
+            self,
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        )
+        _require(
+            self.num_attention_heads % self.num_kv_heads == 0,
+            "DecoderConfig.num_kv_heads",
+            f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+            f"num_kv_heads {self.num_kv_heads} (GQA groups)",
+        )
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
-            _require(len(self.layer_types) == self.num_layers, "DecoderConfig.layer_types",
-                     f"needs {self.num_layers} entries (one per layer), got "
-                     f"{len(self.layer_types)}; or leave it None for HF's alternation")
+            _require(
+                len(self.layer_types) == self.num_layers,
+                "DecoderConfig.layer_types",
+                f"needs {self.num_layers} entries (one per layer), got "
+                f"{len(self.layer_types)}; or leave it None for HF's alternation",
+            )
             bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
-            _require(not bad, "DecoderConfig.layer_types",
-                     f"entries must be 'sliding_attention' or 'full_attention', got {bad}")
+            _require(
+                not bad,
+                "DecoderConfig.layer_types",
+                f"entries must be 'sliding_attention' or 'full_attention', got {bad}",
+            )
         if self.arch == "gemma2" and "sliding_attention" in self.resolved_layer_types:
-            _require(self.sliding_window is not None and self.sliding_window > 0,
-                     "DecoderConfig.sliding_window",
-                     "must be a positive integer when any layer is 'sliding_attention'")
+            _require(
+                self.sliding_window is not None and self.sliding_window > 0,
+                "DecoderConfig.sliding_window",
+                "must be a positive integer when any layer is 'sliding_attention'",
+            )
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             v = getattr(self, name)
             _require(v is None or v > 0, f"DecoderConfig.{name}", f"must be None or > 0, got {v}")
-        _require(self.query_pre_attn_scalar > 0, "DecoderConfig.query_pre_attn_scalar",
-                 "must be > 0")
+        _require(
+            self.query_pre_attn_scalar > 0, "DecoderConfig.query_pre_attn_scalar", "must be > 0"
+        )
         if self.gated_cross_attention or self.arch == "bart":
             _positive(self, "encoder_hidden_size")
         if self.arch == "bart":
-            _require(self.num_attention_heads * self.head_dim == self.hidden_size,
-                     "DecoderConfig.head_dim",
-                     f"BART needs num_attention_heads x head_dim == hidden_size "
-                     f"({self.num_attention_heads} x {self.head_dim} != {self.hidden_size})")
-            _require(self.num_kv_heads == self.num_attention_heads, "DecoderConfig.num_kv_heads",
-                     "BART has no GQA: set num_kv_heads = num_attention_heads")
+            _require(
+                self.num_attention_heads * self.head_dim == self.hidden_size,
+                "DecoderConfig.head_dim",
+                f"BART needs num_attention_heads x head_dim == hidden_size "
+                f"({self.num_attention_heads} x {self.head_dim} != {self.hidden_size})",
+            )
+            _require(
+                self.num_kv_heads == self.num_attention_heads,
+                "DecoderConfig.num_kv_heads",
+                "BART has no GQA: set num_kv_heads = num_attention_heads",
+            )
 
     @property
     def resolved_layer_types(self) -> tuple[str, ...]:
@@ -221,8 +283,9 @@ class DecoderConfig:
         (``"sliding_attention" if bool((i + 1) % 2) else "full_attention"``)."""
         if self.layer_types is not None:
             return self.layer_types
-        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention"
-                     for i in range(self.num_layers))
+        return tuple(
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.num_layers)
+        )
 
     def is_sliding(self, layer_idx: int) -> bool:
         """Whether global layer ``layer_idx`` (0-based, HF numbering) uses the sliding window."""
@@ -244,15 +307,19 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
-        _require(self.vision.projection_dim == self.encoder.hidden_size,
-                 "VisionConfig.projection_dim",
-                 f"image tokens ({self.vision.projection_dim}) must have the encoder width "
-                 f"({self.encoder.hidden_size})")
+        _require(
+            self.vision.projection_dim == self.encoder.hidden_size,
+            "VisionConfig.projection_dim",
+            f"image tokens ({self.vision.projection_dim}) must have the encoder width "
+            f"({self.encoder.hidden_size})",
+        )
         if self.decoder.arch == "bart" or self.decoder.gated_cross_attention:
-            _require(self.decoder.encoder_hidden_size == self.encoder.hidden_size,
-                     "DecoderConfig.encoder_hidden_size",
-                     f"must equal the encoder width {self.encoder.hidden_size}, got "
-                     f"{self.decoder.encoder_hidden_size}")
+            _require(
+                self.decoder.encoder_hidden_size == self.encoder.hidden_size,
+                "DecoderConfig.encoder_hidden_size",
+                f"must equal the encoder width {self.encoder.hidden_size}, got "
+                f"{self.decoder.encoder_hidden_size}",
+            )
 
 
 def replace(cfg, **changes):

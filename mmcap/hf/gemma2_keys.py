@@ -21,7 +21,10 @@ from mmcap.config import DecoderConfig
 # (mmcap name, HF name) for tensors that are copied as they are; {i} = global layer index.
 LAYER_COPY = [
     ("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    (
+        "layers.{i}.post_attention_layernorm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+    ),
     ("layers.{i}.pre_mlp_layernorm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
     ("layers.{i}.post_mlp_layernorm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
     ("layers.{i}.self_attention.linear_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
@@ -29,15 +32,23 @@ LAYER_COPY = [
 ]
 GLOBAL_COPY = [("final_layernorm.weight", "model.norm.weight")]
 EMBEDDING = ("embedding.word_embeddings.weight", "model.embed_tokens.weight")
-QKV = ("layers.{i}.self_attention.linear_qkv.weight",
-       ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-        "model.layers.{i}.self_attn.v_proj.weight"))
-FC1 = ("layers.{i}.mlp.linear_fc1.weight",
-       ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"))
+QKV = (
+    "layers.{i}.self_attention.linear_qkv.weight",
+    (
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+    ),
+)
+FC1 = (
+    "layers.{i}.mlp.linear_fc1.weight",
+    ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+)
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv: int,
-             head_dim: int) -> torch.Tensor:
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv: int, head_dim: int
+) -> torch.Tensor:
     """[q; k; v] projection rows -> megatron-core grouped layout [(q_g, k_g, v_g) for g]."""
     hidden = q.shape[1]
     q = q.view(num_kv, num_heads // num_kv, head_dim, hidden)
@@ -46,22 +57,27 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv: int, head_dim: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(
+    qkv: torch.Tensor, num_heads: int, num_kv: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`fuse_qkv`."""
     hidden = qkv.shape[1]
     hpg = num_heads // num_kv
     g = qkv.view(num_kv, hpg + 2, head_dim, hidden)
     q, k, v = g.split([hpg, 1, 1], dim=1)
-    return (q.reshape(-1, hidden).clone(), k.reshape(-1, hidden).clone(),
-            v.reshape(-1, hidden).clone())
+    return (
+        q.reshape(-1, hidden).clone(),
+        k.reshape(-1, hidden).clone(),
+        v.reshape(-1, hidden).clone(),
+    )
 
 
 def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_kv: int, head_dim: int) -> torch.Tensor:
     """[k; v] rows -> grouped [(k_g, v_g) for g] (cross-attention ``linear_kv``)."""
     width = k.shape[1]
-    return torch.stack([k.view(num_kv, head_dim, width), v.view(num_kv, head_dim, width)],
-                       dim=1).reshape(-1, width)
+    return torch.stack(
+        [k.view(num_kv, head_dim, width), v.view(num_kv, head_dim, width)], dim=1
+    ).reshape(-1, width)
 
 
 def split_kv(kv: torch.Tensor, num_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +86,15 @@ def split_kv(kv: torch.Tensor, num_kv: int, head_dim: int) -> tuple[torch.Tensor
     return g[:, 0].reshape(-1, kv.shape[1]).clone(), g[:, 1].reshape(-1, kv.shape[1]).clone()
 
 
-def gemma2_from_hf(hf: dict[str, torch.Tensor], decoder: DecoderConfig,
-                   padded_vocab_size: int) -> dict[str, torch.Tensor]:
+def gemma2_from_hf(
+    hf: dict[str, torch.Tensor], decoder: DecoderConfig, padded_vocab_size: int
+) -> dict[str, torch.Tensor]:
     """Full (TP-independent, global-layer) mmcap tensors from a Gemma2ForCausalLM state dict.
 
     Cross-attention projections and gates are NOT produced (HF Gemma-2 has none); each layer's
     ``cross_attention.post_norm`` starts as a copy of its post-attention norm (SYSTEM.md).
     """
+
     def get(name: str) -> torch.Tensor:
         if name not in hf:
             raise KeyError(f"Gemma-2 checkpoint has no tensor {name!r}")
@@ -85,8 +103,10 @@ def gemma2_from_hf(hf: dict[str, torch.Tensor], decoder: DecoderConfig,
     out: dict[str, torch.Tensor] = {}
     emb = get(EMBEDDING[1])
     if emb.shape != (decoder.vocab_size, decoder.hidden_size):
-        raise ValueError(f"{EMBEDDING[1]}: shape {tuple(emb.shape)}, the config expects "
-                         f"({decoder.vocab_size}, {decoder.hidden_size})")
+        raise ValueError(
+            f"{EMBEDDING[1]}: shape {tuple(emb.shape)}, the config expects "
+            f"({decoder.vocab_size}, {decoder.hidden_size})"
+        )
     pad = emb.new_zeros(padded_vocab_size - emb.shape[0], emb.shape[1])
     out[EMBEDDING[0]] = torch.cat([emb, pad])
     for ours, theirs in GLOBAL_COPY:
@@ -95,12 +115,14 @@ def gemma2_from_hf(hf: dict[str, torch.Tensor], decoder: DecoderConfig,
         for ours, theirs in LAYER_COPY:
             out[ours.format(i=i)] = get(theirs.format(i=i))
         q, k, v = (get(n.format(i=i)) for n in QKV[1])
-        out[QKV[0].format(i=i)] = fuse_qkv(q, k, v, decoder.num_attention_heads,
-                                           decoder.num_kv_heads, decoder.head_dim)
+        out[QKV[0].format(i=i)] = fuse_qkv(
+            q, k, v, decoder.num_attention_heads, decoder.num_kv_heads, decoder.head_dim
+        )
         out[FC1[0].format(i=i)] = torch.cat([get(n.format(i=i)) for n in FC1[1]])
         if decoder.gated_cross_attention:
-            out[f"layers.{i}.cross_attention.post_norm.weight"] = \
-                out[f"layers.{i}.post_attention_layernorm.weight"].clone()
+            out[f"layers.{i}.cross_attention.post_norm.weight"] = out[
+                f"layers.{i}.post_attention_layernorm.weight"
+            ].clone()
     return out
 
 
@@ -112,8 +134,12 @@ def gemma2_to_hf(ours: dict[str, torch.Tensor], decoder: DecoderConfig) -> dict[
     for i in range(decoder.num_layers):
         for o, t in LAYER_COPY:
             out[t.format(i=i)] = ours[o.format(i=i)]
-        q, k, v = split_qkv(ours[QKV[0].format(i=i)], decoder.num_attention_heads,
-                            decoder.num_kv_heads, decoder.head_dim)
+        q, k, v = split_qkv(
+            ours[QKV[0].format(i=i)],
+            decoder.num_attention_heads,
+            decoder.num_kv_heads,
+            decoder.head_dim,
+        )
         for name, t in zip(QKV[1], (q, k, v)):
             out[name.format(i=i)] = t
         gate, up = ours[FC1[0].format(i=i)].chunk(2)
@@ -125,8 +151,12 @@ def gemma2_to_hf(ours: dict[str, torch.Tensor], decoder: DecoderConfig) -> dict[
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 
 
-def stage_state_dict(full: dict[str, torch.Tensor], layer_range: tuple[int, int],
-                     pre_process: bool, post_process: bool) -> dict[str, torch.Tensor]:
+def stage_state_dict(
+    full: dict[str, torch.Tensor],
+    layer_range: tuple[int, int],
+    pre_process: bool,
+    post_process: bool,
+) -> dict[str, torch.Tensor]:
     """Select a pipeline stage's tensors from global-layer names and renumber its layers.
 
     The last stage of a tied model gets the embedding as ``output_layer.weight``.
@@ -149,25 +179,32 @@ def stage_state_dict(full: dict[str, torch.Tensor], layer_range: tuple[int, int]
     return out
 
 
-def decoder_config_from_hf(hf_config, encoder_hidden_size: int = 1024,
-                           gated_cross_attention: bool = True) -> DecoderConfig:
+def decoder_config_from_hf(
+    hf_config, encoder_hidden_size: int = 1024, gated_cross_attention: bool = True
+) -> DecoderConfig:
     """mmcap DecoderConfig from a transformers ``Gemma2Config`` (any size, tiny test ones too)."""
     layer_types = getattr(hf_config, "layer_types", None)
     return DecoderConfig(
-        arch="gemma2", num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size, ffn_hidden_size=hf_config.intermediate_size,
+        arch="gemma2",
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
         num_attention_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads, head_dim=hf_config.head_dim,
+        num_kv_heads=hf_config.num_key_value_heads,
+        head_dim=hf_config.head_dim,
         vocab_size=hf_config.vocab_size,
         max_position_embeddings=hf_config.max_position_embeddings,
-        rope_theta=float(_rope_theta(hf_config)), norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(_rope_theta(hf_config)),
+        norm_eps=hf_config.rms_norm_eps,
         query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
         attn_logit_softcap=hf_config.attn_logit_softcapping,
         final_logit_softcap=hf_config.final_logit_softcapping,
         sliding_window=hf_config.sliding_window,
         layer_types=tuple(layer_types) if layer_types is not None else None,
-        gated_cross_attention=gated_cross_attention, encoder_hidden_size=encoder_hidden_size,
-        pad_token_id=hf_config.pad_token_id, eos_token_id=_first(hf_config.eos_token_id),
+        gated_cross_attention=gated_cross_attention,
+        encoder_hidden_size=encoder_hidden_size,
+        pad_token_id=hf_config.pad_token_id,
+        eos_token_id=_first(hf_config.eos_token_id),
         bos_token_id=hf_config.bos_token_id,
     )
 

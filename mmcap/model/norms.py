@@ -22,8 +22,13 @@ class GemmaRMSNorm(nn.Module):
         sequence_parallel: mark the weight for the TP all-reduce of its gradient.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, sequence_parallel: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        sequence_parallel: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
         # Zero-centred gamma: 0 means identity scale.

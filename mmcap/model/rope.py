@@ -24,8 +24,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [s, b, 1, head_dim] for position_ids [b, s]."""
         device = position_ids.device
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()

@@ -40,8 +40,9 @@ def _component(name: str) -> str:
     return "other"
 
 
-def count_decoder_parameters(decoder: DecoderConfig, parallel: ParallelConfig | None = None
-                             ) -> DecoderSize:
+def count_decoder_parameters(
+    decoder: DecoderConfig, parallel: ParallelConfig | None = None
+) -> DecoderSize:
     """Build ``decoder`` on meta at TP=PP=1 and count; per-rank numbers for ``parallel``.
 
     megatron-core's parallel_state must be initialised at TP=PP=1 (a world of one is enough).
@@ -53,7 +54,7 @@ def count_decoder_parameters(decoder: DecoderConfig, parallel: ParallelConfig | 
     by_comp: dict[str, int] = defaultdict(int)
     layer_params: dict[int, int] = defaultdict(int)
     layer_tp_params: dict[int, float] = defaultdict(float)
-    emb = emb_tp = final = 0
+    emb_tp = final = 0
     tp = parallel.tensor_parallel
     for name, p in model.named_parameters():
         n = p.numel()
@@ -64,7 +65,7 @@ def count_decoder_parameters(decoder: DecoderConfig, parallel: ParallelConfig | 
             layer_params[i] += n
             layer_tp_params[i] += local
         elif name.startswith("embedding."):
-            emb, emb_tp = n, local
+            emb_tp = local
         else:
             final += n  # final norm: replicated
     total = sum(by_comp.values())

@@ -7,5 +7,10 @@ from mmcap.parallel.state import (
     initialize_model_parallel,
 )
 
-__all__ = ["apply_cpu_shim", "cuda_factories_on_cpu", "destroy_model_parallel",
-           "init_process_group", "initialize_model_parallel"]
+__all__ = [
+    "apply_cpu_shim",
+    "cuda_factories_on_cpu",
+    "destroy_model_parallel",
+    "init_process_group",
+    "initialize_model_parallel",
+]

@@ -22,11 +22,21 @@ logger = logging.getLogger(__name__)
 
 _APPLIED = False
 
-# Factory functions that megatron-core calls with ``device="cuda"`` / ``torch.cuda.current_device()``
-# (schedules: ``torch.zeros(..., device="cuda")``; clip_grads/utils: ``torch.tensor(..., device="cuda")``).
+# Factory functions megatron-core calls with ``device="cuda"`` (schedules:
+# ``torch.zeros(..., device="cuda")``; clip_grads / utils: ``torch.tensor(..., device="cuda")``).
 _FACTORIES = {
-    torch.empty, torch.zeros, torch.ones, torch.full, torch.tensor, torch.arange,
-    torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand, torch.randn,
+    torch.empty,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.tensor,
+    torch.arange,
+    torch.empty_like,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.rand,
+    torch.randn,
     torch.as_tensor,
 }
 

@@ -33,18 +33,25 @@ def init_process_group(backend: str | None = None, timeout_minutes: int = 30) ->
     if dist.is_initialized():
         return
     backend = backend or default_backend()
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_method = None
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        # Plain `python` run: a world of one on a fresh localhost port.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
 
 
-def initialize_model_parallel(parallel: ParallelConfig, seed: int | None = 1234,
-                              timeout_minutes: int = 30) -> None:
+def initialize_model_parallel(
+    parallel: ParallelConfig, seed: int | None = 1234, timeout_minutes: int = 30
+) -> None:
     """Create megatron-core's TP/PP/DP groups for ``parallel`` and seed the RNG tracker.
 
     Args:
@@ -68,9 +75,13 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int | None = 1234,
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     if dist.get_rank() == 0:
-        logger.info("parallel layout: TP=%d PP=%d DP=%d (backend %s)", parallel.tensor_parallel,
-                    parallel.pipeline_parallel, parallel_state.get_data_parallel_world_size(),
-                    dist.get_backend())
+        logger.info(
+            "parallel layout: TP=%d PP=%d DP=%d (backend %s)",
+            parallel.tensor_parallel,
+            parallel.pipeline_parallel,
+            parallel_state.get_data_parallel_world_size(),
+            dist.get_backend(),
+        )
 
 
 def destroy_model_parallel() -> None:

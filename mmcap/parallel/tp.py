@@ -17,16 +17,19 @@ from torch import nn
 
 
 def _tp_rank_size() -> tuple[int, int]:
-    return (parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size())
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def shard_for_rank(param: torch.Tensor, full: torch.Tensor, rank: int | None = None,
-                   world: int | None = None) -> torch.Tensor:
+def shard_for_rank(
+    param: torch.Tensor, full: torch.Tensor, rank: int | None = None, world: int | None = None
+) -> torch.Tensor:
     """This TP rank's piece of ``full`` for ``param`` (the full tensor itself if replicated)."""
     if not is_tp_sharded(param):
         return full
@@ -46,7 +49,9 @@ def gather_full(param: torch.Tensor, local: torch.Tensor | None = None) -> torch
     if world == 1:
         return local.clone()
     parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(
+        parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+    )
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     # Each rank holds `stride` chunks; reorder to chunk order r, r+TP, ... -> 0, 1, 2, ...
     per_rank = [torch.chunk(p, stride, dim=dim) for p in parts]
@@ -54,8 +59,9 @@ def gather_full(param: torch.Tensor, local: torch.Tensor | None = None) -> torch
     return torch.cat(ordered, dim=dim)
 
 
-def load_full_state_dict(module: nn.Module, full: dict[str, torch.Tensor],
-                         strict: bool = True) -> None:
+def load_full_state_dict(
+    module: nn.Module, full: dict[str, torch.Tensor], strict: bool = True
+) -> None:
     """Copy TP-independent tensors ``full`` (name -> tensor) into ``module``'s local shards.
 
     Raises:
@@ -72,8 +78,10 @@ def load_full_state_dict(module: nn.Module, full: dict[str, torch.Tensor],
                 continue
             piece = shard_for_rank(p, full[name])
             if piece.shape != p.shape:
-                raise ValueError(f"{name}: full tensor {tuple(full[name].shape)} gives a TP shard "
-                                 f"{tuple(piece.shape)}, the model expects {tuple(p.shape)}")
+                raise ValueError(
+                    f"{name}: full tensor {tuple(full[name].shape)} gives a TP shard "
+                    f"{tuple(piece.shape)}, the model expects {tuple(p.shape)}"
+                )
             p.copy_(piece.to(p.dtype))
 
 

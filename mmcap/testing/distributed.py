@@ -8,8 +8,10 @@ picklable object) comes back as a list indexed by rank; an exception on any rank
 in the parent with every failing rank's traceback.
 
 Functions must be importable module-level callables (they are pickled by reference). Workers
-are forked, so the caller's already-imported modules (the test module, torch, megatron-core)
-are reused rather than imported again.
+start from a "forkserver": a clean process that imports torch, megatron-core and mmcap once
+and forks every worker from there. Forking the test process itself is unsafe (it may hold
+locks of inductor's compile threads or OpenMP pools, or its own torch.distributed group) and
+plain "spawn" would re-import torch and megatron-core in every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ import traceback
 from typing import Any, Callable
 
 _STOP = "__stop__"
+# Imported once by the fork server, inherited by every worker it forks.
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "megatron.core.tensor_parallel",
+    "megatron.core.parallel_state",
+    "mmcap.testing.distributed",
+    "mmcap.parallel",
+]
 
 
 def _free_port() -> int:
@@ -36,8 +47,13 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, threads: int)
 
     from mmcap.parallel.cpu_shim import apply_cpu_shim
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(threads)
     apply_cpu_shim()
     try:
@@ -70,18 +86,30 @@ class DistributedWorkers:
         world_size: number of ranks.
         timeout: seconds to wait for every rank's result of one call.
         threads: torch intra-op threads per rank (1 keeps 2-4 ranks on 2 cores honest).
+        start_method: multiprocessing start method ("forkserver" default, or "spawn").
     """
 
-    def __init__(self, world_size: int, timeout: float = 300.0, threads: int = 1) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        timeout: float = 300.0,
+        threads: int = 1,
+        start_method: str = "forkserver",
+    ) -> None:
         self.world_size = world_size
         self.timeout = timeout
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(_PRELOAD)
         port = _free_port()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r],
-                                               self._results, threads), daemon=True)
+            ctx.Process(
+                target=_worker,
+                args=(r, world_size, port, self._tasks[r], self._results, threads),
+                daemon=True,
+            )
             for r in range(world_size)
         ]
         for p in self._procs:
@@ -102,7 +130,8 @@ class DistributedWorkers:
                 raise TimeoutError(
                     f"{fn.__name__}: no result from ranks "
                     f"{sorted(set(range(self.world_size)) - set(out) - set(errors))} within "
-                    f"{self.timeout:.0f} s (dead ranks: {dead})") from None
+                    f"{self.timeout:.0f} s (dead ranks: {dead})"
+                ) from None
             (out if ok else errors)[rank] = value
         if errors:
             msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
@@ -127,8 +156,9 @@ class DistributedWorkers:
         self.close(force=exc[0] is not None)
 
 
-def run_distributed_test(fn: Callable[..., Any], world_size: int, *args,
-                         timeout: float = 300.0, **kwargs) -> list[Any]:
+def run_distributed_test(
+    fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0, **kwargs
+) -> list[Any]:
     """One-shot: start ``world_size`` gloo ranks, run ``fn`` on each, return per-rank results."""
     with DistributedWorkers(world_size, timeout=timeout) as workers:
         return workers.run(fn, *args, **kwargs)

@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def tiny_gemma2(seed: int = 0, *, num_layers: int = 4, vocab_size: int = 1000,
-                sliding_window: int = 4, attn_softcap: float = 20.0, final_softcap: float = 15.0,
-                query_pre_attn_scalar: int = 24, num_heads: int = 8, num_kv_heads: int = 4):
+def tiny_gemma2(
+    seed: int = 0,
+    *,
+    num_layers: int = 4,
+    vocab_size: int = 1000,
+    sliding_window: int = 4,
+    attn_softcap: float = 20.0,
+    final_softcap: float = 15.0,
+    query_pre_attn_scalar: int = 24,
+    num_heads: int = 8,
+    num_kv_heads: int = 4,
+):
     """A random ``Gemma2ForCausalLM`` in float32 with eager attention.
 
     Defaults differ from Gemma-2's on purpose (soft-caps 20 / 15, scalar 24 != head_dim, a
@@ -18,12 +27,20 @@ def tiny_gemma2(seed: int = 0, *, num_layers: int = 4, vocab_size: int = 1000,
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=16,
-        query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
-        attn_logit_softcapping=attn_softcap, final_logit_softcapping=final_softcap,
-        max_position_embeddings=256, attn_implementation="eager")
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        query_pre_attn_scalar=query_pre_attn_scalar,
+        sliding_window=sliding_window,
+        attn_logit_softcapping=attn_softcap,
+        final_logit_softcapping=final_softcap,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)
     model = Gemma2ForCausalLM(cfg).float().eval()
     with torch.no_grad():

@@ -29,7 +29,12 @@ def test_gemma_preset_shapes_follow_public_configs():
     assert (d9.num_layers, d9.hidden_size, d9.ffn_hidden_size) == (42, 3584, 14336)
     assert (d9.num_attention_heads, d9.num_kv_heads, d9.head_dim) == (16, 8, 256)
     d2 = get_preset("florence-gemma-2-large").decoder
-    assert (d2.num_layers, d2.hidden_size, d2.num_attention_heads, d2.num_kv_heads) == (26, 2304, 8, 4)
+    assert (d2.num_layers, d2.hidden_size, d2.num_attention_heads, d2.num_kv_heads) == (
+        26,
+        2304,
+        8,
+        4,
+    )
     for d in (d2, d9):
         assert (d.attn_logit_softcap, d.final_logit_softcap, d.sliding_window) == (50.0, 30.0, 4096)
         assert d.query_pre_attn_scalar == 256 and d.vocab_size == 256000
@@ -47,10 +52,13 @@ def test_unknown_preset_lists_choices():
         get_preset("gemma-7b")
 
 
-@pytest.mark.parametrize("tp,match", [
-    (3, "num_attention_heads"),   # 8 heads
-    (8, "num_kv_heads"),          # 8 heads but 4 kv heads
-])
+@pytest.mark.parametrize(
+    "tp,match",
+    [
+        (3, "num_attention_heads"),  # 8 heads
+        (8, "num_kv_heads"),  # 8 heads but 4 kv heads
+    ],
+)
 def test_tp_must_divide_heads(tp, match):
     cfg = get_preset("florence-gemma-2-large")
     with pytest.raises(ConfigError, match=rf"ParallelConfig.tensor_parallel: {tp} .*{match}"):
@@ -67,7 +75,9 @@ def test_pp_must_divide_layers():
 
 
 def test_field_errors_name_field_and_fix():
-    with pytest.raises(ConfigError, match="ParallelConfig.sequence_parallel: needs tensor_parallel > 1"):
+    with pytest.raises(
+        ConfigError, match="ParallelConfig.sequence_parallel: needs tensor_parallel > 1"
+    ):
         ParallelConfig(sequence_parallel=True)
     with pytest.raises(ConfigError, match="DecoderConfig.num_kv_heads"):
         DecoderConfig(num_attention_heads=8, num_kv_heads=3)

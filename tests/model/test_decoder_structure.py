@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmcap.config import ParallelConfig, PrecisionConfig, get_preset
-from mmcap.hf.gemma2_keys import gemma2_from_hf, stage_state_dict
+from mmcap.hf.gemma2_keys import stage_state_dict
 from mmcap.model.build import build_gemma2_decoder
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.size import count_decoder_parameters
@@ -63,8 +63,6 @@ def test_two_stage_split_equals_whole_model(single_rank_parallel_state):
             if n.endswith("gate"):
                 t.fill_(0.5)
     load_full_state_dict(whole, full)
-    from mmcap.config.model import DecoderConfig  # noqa: F401
-
     from mmcap.model.gemma2 import Gemma2Decoder
     from mmcap.model.transformer_config import build_decoder_transformer_config
 
@@ -72,7 +70,7 @@ def test_two_stage_split_equals_whole_model(single_rank_parallel_state):
     first = Gemma2Decoder(cfg, dec, pre_process=True, post_process=False, layer_range=(0, 2)).eval()
     last = Gemma2Decoder(cfg, dec, pre_process=False, post_process=True, layer_range=(2, 4)).eval()
     assert not hasattr(first, "output_layer") and not hasattr(last, "embedding")
-    assert [l.layer_idx for l in last.layers] == [2, 3]
+    assert [layer.layer_idx for layer in last.layers] == [2, 3]
     load_full_state_dict(first, stage_state_dict(full, (0, 2), True, False))
     load_full_state_dict(last, stage_state_dict(full, (2, 4), False, True))
 
@@ -90,3 +88,17 @@ def test_missing_encoder_output_is_a_clear_error(single_rank_parallel_state):
     m = build_gemma2_decoder(get_preset("debug-gemma").decoder, precision=FP32)
     with pytest.raises(ValueError, match="needs encoder_out"):
         m(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_bf16_forward_backward(single_rank_parallel_state):
+    """The default precision: bf16 weights/activations, fp32 norm statistics and loss."""
+    m = build_gemma2_decoder(get_preset("debug-gemma").decoder, precision=PrecisionConfig("bf16"))
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    ids = torch.randint(0, 1000, (2, 10))
+    enc = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    logits = m(ids, enc)
+    assert logits.dtype == torch.bfloat16
+    loss = m(ids, enc, labels=ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmcap.config import PrecisionConfig
 from mmcap.hf.gemma2_keys import decoder_config_from_hf, fuse_kv, gemma2_from_hf, gemma2_to_hf
@@ -118,16 +117,25 @@ def test_nonzero_gate_matches_reference_block(single_rank_parallel_state, hf_mod
     q_w = cfg.num_attention_heads * cfg.head_dim
     params, extra = [], {}
     for i in range(cfg.num_layers):
-        p = {"q": torch.randn(q_w, cfg.hidden_size, generator=g) * 0.1,
-             "k": torch.randn(kv_w, ENC_WIDTH, generator=g) * 0.1,
-             "v": torch.randn(kv_w, ENC_WIDTH, generator=g) * 0.1,
-             "o": torch.randn(cfg.hidden_size, q_w, generator=g) * 0.1,
-             "gate": torch.tensor([0.3 + 0.2 * i]), "norm": torch.randn(cfg.hidden_size, generator=g) * 0.2}
+        p = {
+            "q": torch.randn(q_w, cfg.hidden_size, generator=g) * 0.1,
+            "k": torch.randn(kv_w, ENC_WIDTH, generator=g) * 0.1,
+            "v": torch.randn(kv_w, ENC_WIDTH, generator=g) * 0.1,
+            "o": torch.randn(cfg.hidden_size, q_w, generator=g) * 0.1,
+            "gate": torch.tensor([0.3 + 0.2 * i]),
+            "norm": torch.randn(cfg.hidden_size, generator=g) * 0.2,
+        }
         params.append(p)
         pre = f"layers.{i}.cross_attention."
-        extra.update({pre + "linear_q.weight": p["q"], pre + "linear_proj.weight": p["o"],
-                      pre + "linear_kv.weight": fuse_kv(p["k"], p["v"], cfg.num_kv_heads, cfg.head_dim),
-                      pre + "gate": p["gate"], pre + "post_norm.weight": p["norm"]})
+        extra.update(
+            {
+                pre + "linear_q.weight": p["q"],
+                pre + "linear_proj.weight": p["o"],
+                pre + "linear_kv.weight": fuse_kv(p["k"], p["v"], cfg.num_kv_heads, cfg.head_dim),
+                pre + "gate": p["gate"],
+                pre + "post_norm.weight": p["norm"],
+            }
+        )
     model = _build(cfg, hf_model, extra)
     ids, enc, enc_mask = _inputs(seed=3)
 
@@ -138,11 +146,17 @@ def test_nonzero_gate_matches_reference_block(single_rank_parallel_state, hf_mod
         def forward(hidden_states, position_embeddings=None, attention_mask=None, **kw):
             r = hidden_states
             x = layer.input_layernorm(hidden_states)
-            x, _ = layer.self_attn(hidden_states=x, position_embeddings=position_embeddings,
-                                   attention_mask=attention_mask)
+            x, _ = layer.self_attn(
+                hidden_states=x,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+            )
             x = r + layer.post_attention_layernorm(x)
             x = x + _xattn_ref(x, enc, enc_mask, p, cfg)
-            return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            return x + layer.post_feedforward_layernorm(
+                layer.mlp(layer.pre_feedforward_layernorm(x))
+            )
+
         return forward
 
     originals = [layer.forward for layer in layers]

@@ -46,7 +46,11 @@ def _run_case(tp: int, sp: bool):
     from mmcap.model.build import build_gemma2_decoder
     from mmcap.model.gemma2 import IGNORE_INDEX
     from mmcap.parallel import initialize_model_parallel
-    from mmcap.parallel.tp import allreduce_sequence_parallel_grads, full_grads, load_full_state_dict
+    from mmcap.parallel.tp import (
+        allreduce_sequence_parallel_grads,
+        full_grads,
+        load_full_state_dict,
+    )
 
     dec = _decoder_cfg()
     # Full weights are made once at TP=1 (identical on every rank), then sharded.
@@ -57,7 +61,8 @@ def _run_case(tp: int, sp: bool):
     model = build_gemma2_decoder(dec, parallel, PrecisionConfig("fp32"))
     pad = model.padded_vocab_size - full["embedding.word_embeddings.weight"].shape[0]
     full["embedding.word_embeddings.weight"] = torch.cat(
-        [full["embedding.word_embeddings.weight"], torch.zeros(pad, dec.hidden_size)])
+        [full["embedding.word_embeddings.weight"], torch.zeros(pad, dec.hidden_size)]
+    )
     load_full_state_dict(model, full)
 
     g = torch.Generator().manual_seed(2)
@@ -74,10 +79,12 @@ def _run_case(tp: int, sp: bool):
     allreduce_sequence_parallel_grads(model)
     with torch.no_grad():
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-            model(ids, enc, enc_mask))[..., : dec.vocab_size]
+            model(ids, enc, enc_mask)
+        )[..., : dec.vocab_size]
     grads = full_grads(model)
-    grads["embedding.word_embeddings.weight"] = \
-        grads["embedding.word_embeddings.weight"][: dec.vocab_size]
+    grads["embedding.word_embeddings.weight"] = grads["embedding.word_embeddings.weight"][
+        : dec.vocab_size
+    ]
     return {"loss": loss.detach(), "logits": logits, "grads": grads, "enc_grad": enc.grad}
 
 
@@ -100,8 +107,9 @@ def _compare(ref, got):
     assert set(got["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
         assert got["grads"][name].shape == g.shape, name
-        assert torch.allclose(got["grads"][name], g, atol=1e-5, rtol=1e-4), \
+        assert torch.allclose(got["grads"][name], g, atol=1e-5, rtol=1e-4), (
             f"{name}: max diff {(got['grads'][name] - g).abs().max().item():.3g}"
+        )
 
 
 @pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (4, False), (4, True)])

@@ -46,13 +46,21 @@ class Gemma2Decoder(LanguageModule):
         vp_stage: virtual-pipeline chunk index (interleaved schedule).
     """
 
-    def __init__(self, config: TransformerConfig, decoder: DecoderConfig, *,
-                 pre_process: bool = True, post_process: bool = True,
-                 layer_range: tuple[int, int] | None = None, vp_stage: int | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        decoder: DecoderConfig,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: tuple[int, int] | None = None,
+        vp_stage: int | None = None,
+    ) -> None:
         super().__init__(config=config)
         if decoder.arch != "gemma2":
-            raise ValueError(f"Gemma2Decoder needs DecoderConfig.arch='gemma2', got {decoder.arch!r}")
+            raise ValueError(
+                f"Gemma2Decoder needs DecoderConfig.arch='gemma2', got {decoder.arch!r}"
+            )
         self.decoder_config = decoder
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
@@ -64,28 +72,44 @@ class Gemma2Decoder(LanguageModule):
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
-                config, self.padded_vocab_size, decoder.max_position_embeddings,
-                position_embedding_type="rope")
+                config,
+                self.padded_vocab_size,
+                decoder.max_position_embeddings,
+                position_embedding_type="rope",
+                tp_group=self.tp_group,
+            )
         # sqrt(hidden) rounded to the activation dtype first, as HF Gemma2 does.
         self.embed_scale = math.sqrt(decoder.hidden_size)
         self.rotary = RotaryEmbedding(decoder.head_dim, decoder.rope_theta)
 
         if layer_range is None:
             layer_range = decoder_layer_range(
-                decoder.num_layers, parallel_state.get_pipeline_model_parallel_rank(),
-                config.pipeline_model_parallel_size, vp_stage,
-                config.virtual_pipeline_model_parallel_size)
+                decoder.num_layers,
+                parallel_state.get_pipeline_model_parallel_rank(),
+                config.pipeline_model_parallel_size,
+                vp_stage,
+                config.virtual_pipeline_model_parallel_size,
+            )
         self.layer_range = layer_range
         self.layers = nn.ModuleList(
-            Gemma2DecoderLayer(config, decoder, i) for i in range(*layer_range))
+            Gemma2DecoderLayer(config, decoder, i) for i in range(*layer_range)
+        )
 
         if post_process:
-            self.final_layernorm = GemmaRMSNorm(decoder.hidden_size, decoder.norm_eps,
-                                                config.sequence_parallel, config.params_dtype)
+            self.final_layernorm = GemmaRMSNorm(
+                decoder.hidden_size, decoder.norm_eps, config.sequence_parallel, config.params_dtype
+            )
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                decoder.hidden_size, self.padded_vocab_size, config=config,
-                init_method=config.init_method, bias=False, gather_output=False,
-                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
+                decoder.hidden_size,
+                self.padded_vocab_size,
+                config=config,
+                tp_group=self.tp_group,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process
+                and self.share_embeddings_and_output_weights,
+            )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -95,10 +119,14 @@ class Gemma2Decoder(LanguageModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def forward(self, input_ids: torch.Tensor, encoder_out: torch.Tensor | None = None,
-                encoder_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_out: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run this stage.
 
         Args:
@@ -132,8 +160,11 @@ class Gemma2Decoder(LanguageModule):
         return self._head(self.final_layernorm(hidden), labels)
 
     def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        weight = (self.shared_embedding_or_output_weight()
-                  if self.share_embeddings_and_output_weights else None)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V_pad / tp]
         cap = self.decoder_config.final_logit_softcap
         if cap is not None:

@@ -24,34 +24,46 @@ from mmcap.model.norms import GemmaRMSNorm
 
 class Gemma2DecoderLayer(MegatronModule):
     """Args:
-        config: decoder TransformerConfig.
-        decoder: mmcap DecoderConfig.
-        layer_idx: global 0-based index of the layer (HF numbering).
+    config: decoder TransformerConfig.
+    decoder: mmcap DecoderConfig.
+    layer_idx: global 0-based index of the layer (HF numbering).
     """
 
     def __init__(self, config: TransformerConfig, decoder: DecoderConfig, layer_idx: int) -> None:
         super().__init__(config=config)
         self.layer_idx = layer_idx
-        sp, dt, eps, h = config.sequence_parallel, config.params_dtype, decoder.norm_eps, \
-            decoder.hidden_size
+        sp, dt, eps, h = (
+            config.sequence_parallel,
+            config.params_dtype,
+            decoder.norm_eps,
+            decoder.hidden_size,
+        )
         self.input_layernorm = GemmaRMSNorm(h, eps, sp, dt)
         self.self_attention = Gemma2SelfAttention(config, decoder, layer_idx)
         self.post_attention_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.cross_attention = (GatedCrossAttention(config, decoder)
-                                if decoder.gated_cross_attention else None)
+        self.cross_attention = (
+            GatedCrossAttention(config, decoder) if decoder.gated_cross_attention else None
+        )
         self.pre_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
         self.mlp = GeGLUMLP(config, decoder)
         self.post_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
 
-    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                encoder_out: torch.Tensor | None = None,
-                encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        encoder_out: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         hidden = hidden + self.post_attention_layernorm(
-            self.self_attention(self.input_layernorm(hidden), rope))
+            self.self_attention(self.input_layernorm(hidden), rope)
+        )
         if self.cross_attention is not None:
             if encoder_out is None:
-                raise ValueError(f"layer {self.layer_idx}: this decoder has gated cross-attention "
-                                 "and needs encoder_out [s_enc, b, encoder_hidden]")
+                raise ValueError(
+                    f"layer {self.layer_idx}: this decoder has gated cross-attention "
+                    "and needs encoder_out [s_enc, b, encoder_hidden]"
+                )
             hidden = hidden + self.cross_attention(hidden, encoder_out, encoder_mask)
         hidden = hidden + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(hidden)))
         return hidden

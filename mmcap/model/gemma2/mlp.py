@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -22,13 +22,27 @@ class GeGLUMLP(MegatronModule):
 
     def __init__(self, config: TransformerConfig, decoder: DecoderConfig) -> None:
         super().__init__(config=config)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
-            decoder.hidden_size, 2 * decoder.ffn_hidden_size, config=config,
-            init_method=config.init_method, bias=False, gather_output=False, stride=2)
+            decoder.hidden_size,
+            2 * decoder.ffn_hidden_size,
+            config=config,
+            tp_group=self.tp_group,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            stride=2,
+        )
         self.linear_fc2 = tensor_parallel.RowParallelLinear(
-            decoder.ffn_hidden_size, decoder.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
-            skip_bias_add=False)
+            decoder.ffn_hidden_size,
+            decoder.hidden_size,
+            config=config,
+            tp_group=self.tp_group,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)

@@ -1,0 +1,158 @@
+"""The `flex` attention back-end: torch's FlexAttention, compiled once per process.
+
+Softcap is a `score_mod` (tanh), causal / sliding window / kv padding are a `BlockMask` built
+from `AttnMaskSpec.allows`, so the mask semantics are the reference's, not a re-reading of
+them. GQA uses `enable_gqa=True` (query head i reads kv head i // (h_q // h_kv), the same
+order as HF `repeat_kv`). Chosen automatically on CUDA when flash-attn and TE cannot take a
+call; on CPU only when forced, since its compile is slow and, in torch 2.13, flex has no CPU
+backward (it refuses inputs that require grad).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from mmcap.ops.attention.math_ref import AttnMaskSpec
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    HAVE_FLEX_ATTENTION = True
+except ImportError:  # torch < 2.5
+    HAVE_FLEX_ATTENTION = False
+
+__all__ = ["HAVE_FLEX_ATTENTION", "flex_forward", "is_available", "supports"]
+
+_DEVICES = ("cuda", "cpu")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Non-padding block masks are cached per (s_q, s_k, causal, window, device); 64 covers every
+# (layer kind x sequence length) combination a training or eval run uses.
+_BLOCK_MASK_CACHE_SIZE = 64
+
+
+def is_available(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether flex_attention is importable and, if `device` is given, runs there.
+
+    Args:
+        device: device the call would run on; None checks installation only.
+    """
+    if not HAVE_FLEX_ATTENTION:
+        return False, "torch.nn.attention.flex_attention not importable (torch < 2.5)"
+    if device is not None and device.type not in _DEVICES:
+        return False, f"flex back-end runs on {_DEVICES}, not {device.type}"
+    return True, ""
+
+
+def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) -> tuple[bool, str]:
+    """Whether this call's features are within what flex_attention does.
+
+    Args:
+        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p: the call's
+            `attention()` arguments (bshd tensors; see `registry.attention`).
+    """
+    if dropout_p > 0.0:
+        return False, "flex_attention has no attention dropout"
+    if q.dtype not in _DTYPES:
+        return False, f"dtype {q.dtype} not in {_DTYPES}"
+    if q.device.type != "cuda" and any(t.requires_grad for t in (q, k, v)):
+        # torch 2.13 flex_attention._validate_device: "does not support backward on CPU"
+        return False, f"flex_attention has no backward on {q.device.type} (inputs require grad)"
+    return True, ""
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # One compiled callable per process; torch.compile's own cache handles new shapes.
+    # Uncompiled flex_attention materialises full score matrices and warns; never use it.
+    return torch.compile(flex_attention)
+
+
+@functools.cache
+def _softcap_score_mod(softcap: float):
+    # One function object per softcap value, so dynamo guards see a stable closure.
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # `score` already includes softmax_scale: HF Gemma-2 caps the scaled logits.
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+@functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
+def _static_block_mask(
+    s_q: int, s_k: int, causal: bool, window: int | None, device: str
+) -> "BlockMask":
+    spec = AttnMaskSpec(causal=causal, window=window)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return spec.allows(q_idx, kv_idx)
+
+    return create_block_mask(mask_mod, None, None, s_q, s_k, device=device)
+
+
+def _block_mask(
+    spec: AttnMaskSpec,
+    s_q: int,
+    s_k: int,
+    device: torch.device,
+    kv_padding_mask: torch.Tensor | None,
+) -> "BlockMask | None":
+    if kv_padding_mask is None:
+        if spec.is_full:
+            return None
+        return _static_block_mask(s_q, s_k, spec.causal, spec.window, str(device))
+
+    # Padding differs per batch: build per call (B = batch, H broadcast).
+    def mask_mod(b, h, q_idx, kv_idx):
+        return spec.allows(q_idx, kv_idx) & kv_padding_mask[b, kv_idx]
+
+    return create_block_mask(mask_mod, kv_padding_mask.shape[0], None, s_q, s_k, device=device)
+
+
+def flex_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    softcap: float | None = None,
+    window: int | None = None,
+    kv_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention through compiled flex_attention; same contract as `attention_ref`.
+
+    A query with no attendable key gets output 0: flex_attention returns 0 for rows whose
+    block-mask row is empty (checked against the reference in tests/ops/test_attention.py).
+
+    Args:
+        q: [b, s_q, h_q, d].
+        k: [b, s_k, h_kv, d].
+        v: [b, s_k, h_kv, d].
+        softmax_scale: multiplier on q @ k^T.
+        causal: causal mask (s_q == s_k).
+        softcap: Gemma-2 logit soft-cap, or None.
+        window: sliding window (see `AttnMaskSpec`), or None.
+        kv_padding_mask: bool [b, s_k], True = real key.
+        dropout_p: must be 0 (flex has no dropout; the registry routes such calls elsewhere).
+
+    Returns:
+        [b, s_q, h_q, d] in q's dtype.
+    """
+    if dropout_p > 0.0:
+        raise ValueError("flex back-end has no attention dropout; use backend='math'")
+    spec = AttnMaskSpec(causal=causal, window=window)
+    block_mask = _block_mask(spec, q.shape[1], k.shape[1], q.device, kv_padding_mask)
+    score_mod = None if softcap is None else _softcap_score_mod(float(softcap))
+    out = _compiled_flex_attention()(
+        q.transpose(1, 2),  # [b, h_q, s_q, d]
+        k.transpose(1, 2),  # [b, h_kv, s_k, d]
+        v.transpose(1, 2),
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=softmax_scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)  # [b, s_q, h_q, d]
