@@ -1,14 +1,13 @@
 #!/usr/bin/env python
-"""Print parameter counts of a preset's decoder, built on the meta device (no memory).
+"""Print parameter counts of a preset, built on the meta device (no memory).
 
     python tools/model_size.py --preset florence-gemma-2-xlarge [--tp 8 --pp 2]
 
-Vision tower, projection and BART encoder (and the Florence BART decoder) are counted once
-the Florence-2 side lands; until then this reports the Gemma-2 cross-attention decoder.
+Prints `total: <int>` and `trainable: <int>` (SYSTEM.md "What trains"), then a breakdown by
+component and per TP/PP rank.
 """
 
 import argparse
-import sys
 
 
 def main(argv=None) -> int:
@@ -18,27 +17,20 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1, help="pipeline stages for per-rank counts")
     args = ap.parse_args(argv)
 
-    from mmcap.config import ParallelConfig, get_preset, validate_decoder_layout
-    from mmcap.model.size import count_decoder_parameters
+    from mmcap.config import ParallelConfig, get_preset, validate_layout
+    from mmcap.model.size import count_parameters
     from mmcap.parallel import initialize_model_parallel
 
     cfg = get_preset(args.preset)
-    if cfg.decoder.arch != "gemma2":
-        print(
-            f"{args.preset}: the Florence BART decoder is not built yet; only Gemma-2 "
-            "decoders can be counted",
-            file=sys.stderr,
-        )
-        return 2
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
-    validate_decoder_layout(cfg.decoder, parallel)
+    validate_layout(cfg, parallel)
     initialize_model_parallel(ParallelConfig(), seed=None)
-    size = count_decoder_parameters(cfg.decoder, parallel)
+    size = count_parameters(cfg, parallel)
     print(f"preset: {args.preset}")
-    print(f"decoder_total: {size.total}")
-    for comp, n in sorted(size.by_component.items()):
+    print(f"total: {size.total}")
+    print(f"trainable: {size.trainable}")
+    for comp, n in size.by_component.items():
         print(f"  {comp}: {n}")
-    print(f"  per layer: {size.per_layer}")
     print(f"per rank (TP={args.tp}, PP={args.pp}):")
     for (stage, rank), n in sorted(size.per_rank.items()):
         print(f"  pp{stage} tp{rank}: {n}")

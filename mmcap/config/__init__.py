@@ -5,6 +5,7 @@ from mmcap.config.model import (
     DecoderConfig,
     EncoderConfig,
     ModelConfig,
+    TrainableConfig,
     VisionConfig,
     replace,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "DecoderConfig",
     "EncoderConfig",
     "ModelConfig",
+    "TrainableConfig",
     "VisionConfig",
     "replace",
     "ParallelConfig",

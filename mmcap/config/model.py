@@ -138,6 +138,7 @@ class EncoderConfig:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
     scale_embedding: bool = False
+    init_std: float = 0.02
     pad_token_id: int = 1
 
     def __post_init__(self) -> None:
@@ -161,6 +162,12 @@ class EncoderConfig:
             "EncoderConfig.padded_vocab_size",
             f"must be >= vocab_size {self.vocab_size}",
         )
+
+    def embedding_rows(self, tensor_parallel_size: int = 1) -> int:
+        """Rows of the (vocab-parallel) embedding: padded_vocab_size rounded up to a multiple
+        of TP. Extra rows are never looked up (the encoder has no LM head)."""
+        tp = tensor_parallel_size
+        return ((self.padded_vocab_size + tp - 1) // tp) * tp
 
 
 DecoderArch = Literal["gemma2", "bart"]
@@ -208,6 +215,8 @@ class DecoderConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: int = 2
@@ -298,6 +307,36 @@ class DecoderConfig:
 
 
 @dataclass
+class TrainableConfig:
+    """What trains (SYSTEM.md "What trains"); defaults are the paper's.
+
+    Args:
+        vision: the DaViT tower, projection, position embeddings and projection norm (frozen in
+            the paper: keep False).
+        encoder: the BART encoder (trainable in the paper).
+        decoder: "all" (Florence sizes) or "cross_attention" (Gemma sizes: only the gated
+            cross-attention blocks, their gates and post-norms, and the tied embedding / LM
+            head train); None picks the paper's choice for the decoder architecture.
+    """
+
+    vision: bool = False
+    encoder: bool = True
+    decoder: Literal["all", "cross_attention"] | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.decoder in (None, "all", "cross_attention"),
+            "TrainableConfig.decoder",
+            f"must be None, 'all' or 'cross_attention', got {self.decoder!r}",
+        )
+
+    def decoder_policy(self, arch: str) -> str:
+        if self.decoder is not None:
+            return self.decoder
+        return "cross_attention" if arch == "gemma2" else "all"
+
+
+@dataclass
 class ModelConfig:
     """The whole captioning model: vision tower + BART encoder + decoder."""
 
@@ -305,6 +344,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -313,6 +353,12 @@ class ModelConfig:
             f"image tokens ({self.vision.projection_dim}) must have the encoder width "
             f"({self.encoder.hidden_size})",
         )
+        if self.trainable.decoder_policy(self.decoder.arch) == "cross_attention":
+            _require(
+                self.decoder.gated_cross_attention,
+                "TrainableConfig.decoder",
+                "'cross_attention' needs a decoder with gated cross-attention (Gemma sizes)",
+            )
         if self.decoder.arch == "bart" or self.decoder.gated_cross_attention:
             _require(
                 self.decoder.encoder_hidden_size == self.encoder.hidden_size,

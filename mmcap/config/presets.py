@@ -89,6 +89,7 @@ def _bart_decoder(layers: int, width: int, heads: int, ffn: int) -> DecoderConfi
         encoder_hidden_size=width,
         dropout=0.1,
         attention_dropout=0.1,
+        activation_dropout=0.1,
         query_pre_attn_scalar=float(width // heads),
     )
 

@@ -17,6 +17,7 @@ import re
 import torch
 
 from mmcap.config import DecoderConfig
+from mmcap.hf.fused import fuse_kv, fuse_qkv, split_kv, split_qkv  # noqa: F401 (re-export)
 
 # (mmcap name, HF name) for tensors that are copied as they are; {i} = global layer index.
 LAYER_COPY = [
@@ -44,46 +45,6 @@ FC1 = (
     "layers.{i}.mlp.linear_fc1.weight",
     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
 )
-
-
-def fuse_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv: int, head_dim: int
-) -> torch.Tensor:
-    """[q; k; v] projection rows -> megatron-core grouped layout [(q_g, k_g, v_g) for g]."""
-    hidden = q.shape[1]
-    q = q.view(num_kv, num_heads // num_kv, head_dim, hidden)
-    k = k.view(num_kv, 1, head_dim, hidden)
-    v = v.view(num_kv, 1, head_dim, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
-
-
-def split_qkv(
-    qkv: torch.Tensor, num_heads: int, num_kv: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`."""
-    hidden = qkv.shape[1]
-    hpg = num_heads // num_kv
-    g = qkv.view(num_kv, hpg + 2, head_dim, hidden)
-    q, k, v = g.split([hpg, 1, 1], dim=1)
-    return (
-        q.reshape(-1, hidden).clone(),
-        k.reshape(-1, hidden).clone(),
-        v.reshape(-1, hidden).clone(),
-    )
-
-
-def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_kv: int, head_dim: int) -> torch.Tensor:
-    """[k; v] rows -> grouped [(k_g, v_g) for g] (cross-attention ``linear_kv``)."""
-    width = k.shape[1]
-    return torch.stack(
-        [k.view(num_kv, head_dim, width), v.view(num_kv, head_dim, width)], dim=1
-    ).reshape(-1, width)
-
-
-def split_kv(kv: torch.Tensor, num_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_kv`."""
-    g = kv.view(num_kv, 2, head_dim, kv.shape[1])
-    return g[:, 0].reshape(-1, kv.shape[1]).clone(), g[:, 1].reshape(-1, kv.shape[1]).clone()
 
 
 def gemma2_from_hf(

@@ -1,4 +1,8 @@
-"""Factories for the decoder of a pipeline stage (``build_*``, STYLE.md 9)."""
+"""Factories for a pipeline stage of the model or of its decoder (``build_*``, STYLE.md 9).
+
+megatron-core's ``parallel_state`` must be initialised with the same layout first
+(:func:`mmcap.parallel.initialize_model_parallel`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ import contextlib
 import torch
 from megatron.core import parallel_state
 
-from mmcap.config import DecoderConfig, ParallelConfig, PrecisionConfig
-from mmcap.config.parallel import validate_decoder_layout
+from mmcap.config import DecoderConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from mmcap.config.parallel import validate_decoder_layout, validate_layout
+from mmcap.model.captioner import CaptioningModel
 from mmcap.model.gemma2.decoder import Gemma2Decoder
 from mmcap.model.transformer_config import build_decoder_transformer_config
 
@@ -23,43 +28,75 @@ def build_gemma2_decoder(
     post_process: bool | None = None,
     vp_stage: int | None = None,
 ) -> Gemma2Decoder:
-    """Build this rank's stage of the Gemma-2 decoder.
+    """Build this rank's stage of the Gemma-2 decoder alone (no vision / encoder).
 
-    megatron-core's ``parallel_state`` must be initialised with the same layout
-    (:func:`mmcap.parallel.initialize_model_parallel`). ``pre_process`` / ``post_process``
-    default to whether this rank is the first / last pipeline stage.
+    ``pre_process`` / ``post_process`` default to whether this rank is the first / last
+    pipeline stage.
 
     Args:
         meta: build on the meta device (no memory; for sizing the 11.2B model).
     """
     parallel = parallel or ParallelConfig()
-    if (
-        parallel.tensor_parallel != parallel_state.get_tensor_model_parallel_world_size()
-        or parallel.pipeline_parallel != parallel_state.get_pipeline_model_parallel_world_size()
-    ):
-        raise ValueError(
-            f"parallel config TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} does "
-            f"not match the initialised megatron-core groups "
-            f"(TP={parallel_state.get_tensor_model_parallel_world_size()}, "
-            f"PP={parallel_state.get_pipeline_model_parallel_world_size()})"
-        )
+    _check_groups(parallel)
     validate_decoder_layout(decoder, parallel)
     config = build_decoder_transformer_config(decoder, parallel, precision)
-    vp_size = config.virtual_pipeline_model_parallel_size
-    if pre_process is None:
-        pre_process = (
-            parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-            if vp_size
-            else parallel_state.is_pipeline_first_stage()
-        )
-    if post_process is None:
-        post_process = (
-            parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-            if vp_size
-            else parallel_state.is_pipeline_last_stage()
-        )
-    device = torch.device("meta") if meta else contextlib.nullcontext()
-    with device:
+    first, last = _stage_flags(parallel, vp_stage)
+    pre_process = first if pre_process is None else pre_process
+    post_process = last if post_process is None else post_process
+    with torch.device("meta") if meta else contextlib.nullcontext():
         return Gemma2Decoder(
             config, decoder, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+        )
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+    *,
+    meta: bool = False,
+    vp_stage: int | None = None,
+) -> CaptioningModel:
+    """Build this rank's stage of the whole captioning model (vision + encoder on the first
+    pipeline stage, the decoder split across stages).
+
+    Args:
+        meta: build on the meta device (no memory; for sizing).
+        vp_stage: virtual-pipeline chunk (interleaved schedule); chunk 0 of stage 0 holds the
+            encoder.
+    """
+    parallel = parallel or ParallelConfig()
+    _check_groups(parallel)
+    validate_layout(model, parallel)
+    first, last = _stage_flags(parallel, vp_stage)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return CaptioningModel(
+            model,
+            parallel,
+            precision,
+            add_encoder=first,
+            pre_process=first,
+            post_process=last,
+            vp_stage=vp_stage,
+        )
+
+
+def _stage_flags(parallel: ParallelConfig, vp_stage: int | None) -> tuple[bool, bool]:
+    vpp = parallel.virtual_pipeline_parallel
+    if vpp and vpp > 1:
+        return (
+            parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        )
+    return parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+
+
+def _check_groups(parallel: ParallelConfig) -> None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (parallel.tensor_parallel, parallel.pipeline_parallel) != (tp, pp):
+        raise ValueError(
+            f"parallel config TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} does "
+            f"not match the initialised megatron-core groups (TP={tp}, PP={pp}); call "
+            f"mmcap.parallel.initialize_model_parallel with the same ParallelConfig"
         )

@@ -1,6 +1,7 @@
-"""Gemma's zero-centred RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32.
+"""Normalisation layers: Gemma's zero-centred RMSNorm ``x / rms(x) * (1 + weight)`` (float32
+statistics) and a sequence-parallel-aware torch LayerNorm (BART).
 
-megatron-core has no such norm without TE/apex (``WrappedTorchNorm`` asserts on
+megatron-core has no zero-centred RMSNorm without TE/apex (``WrappedTorchNorm`` asserts on
 zero-centred gamma, MEGATRON_CPU.md), so mmcap owns it. With sequence parallelism the input
 is a sequence shard, so the weight's gradient is partial per TP rank: the parameter carries
 megatron-core's ``sequence_parallel`` attribute and is all-reduced over the TP group by
@@ -44,3 +45,14 @@ class GemmaRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def layer_norm(
+    hidden_size: int, eps: float, sequence_parallel: bool, dtype: torch.dtype | None = None
+) -> nn.LayerNorm:
+    """A torch LayerNorm whose weight and bias carry megatron-core's ``sequence_parallel``
+    attribute (their gradients are TP-partial when the input is a sequence shard)."""
+    norm = nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
+    norm.weight.sequence_parallel = sequence_parallel
+    norm.bias.sequence_parallel = sequence_parallel
+    return norm

@@ -13,37 +13,44 @@ import dataclasses
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mmcap.config import DecoderConfig, ParallelConfig, PrecisionConfig
+from mmcap.config import DecoderConfig, EncoderConfig, ParallelConfig, PrecisionConfig
 
 
-def build_decoder_transformer_config(
-    decoder: DecoderConfig,
-    parallel: ParallelConfig | None = None,
-    precision: PrecisionConfig | None = None,
+def _transformer_config(
     *,
-    perform_initialization: bool = True,
+    num_layers: int,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    init_std: float,
+    norm: str,
+    norm_eps: float,
+    gated: bool,
+    bias: bool,
+    dropout: float,
+    attention_dropout: float,
+    parallel: ParallelConfig | None,
+    precision: PrecisionConfig | None,
+    sequence_parallel: bool | None = None,
 ) -> TransformerConfig:
-    """TransformerConfig for ``decoder`` under ``parallel`` / ``precision``.
-
-    Args:
-        perform_initialization: False when building on the meta device or when weights are
-            about to be loaded (skips the random init megatron-core would run).
-    """
     parallel = parallel or ParallelConfig()
     precision = precision or PrecisionConfig(params_dtype="fp32")
     dtype = precision.torch_dtype
     vpp = parallel.virtual_pipeline_parallel
+    sp = parallel.sequence_parallel if sequence_parallel is None else sequence_parallel
     return TransformerConfig(
-        num_layers=decoder.num_layers,
-        hidden_size=decoder.hidden_size,
-        ffn_hidden_size=decoder.ffn_hidden_size,
-        num_attention_heads=decoder.num_attention_heads,
-        num_query_groups=decoder.num_kv_heads,
-        kv_channels=decoder.head_dim,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_heads,
+        num_query_groups=num_kv_heads,
+        kv_channels=head_dim,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
-        sequence_parallel=parallel.sequence_parallel,
+        sequence_parallel=sp and parallel.tensor_parallel > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -51,14 +58,14 @@ def build_decoder_transformer_config(
         # Weights are created on the CPU (or meta) and, with TP, sliced from one full
         # master tensor: the same seed gives the same model for every TP size.
         use_cpu_initialization=True,
-        perform_initialization=perform_initialization,
-        init_method_std=decoder.init_std,
-        normalization="RMSNorm",
-        layernorm_epsilon=decoder.norm_eps,
-        gated_linear_unit=decoder.arch == "gemma2",
-        add_bias_linear=decoder.arch == "bart",
-        hidden_dropout=decoder.dropout,
-        attention_dropout=decoder.attention_dropout,
+        perform_initialization=True,
+        init_method_std=init_std,
+        normalization=norm,
+        layernorm_epsilon=norm_eps,
+        gated_linear_unit=gated,
+        add_bias_linear=bias,
+        hidden_dropout=dropout,
+        attention_dropout=attention_dropout,
         gradient_accumulation_fusion=False,
         # Softmax in fp32 inside the attention back-ends; megatron's own fused softmax unused.
         attention_softmax_in_fp32=True,
@@ -67,6 +74,59 @@ def build_decoder_transformer_config(
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=False,
         batch_p2p_sync=torch.cuda.is_available(),
+    )
+
+
+def build_decoder_transformer_config(
+    decoder: DecoderConfig,
+    parallel: ParallelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+) -> TransformerConfig:
+    """TransformerConfig for ``decoder`` (Gemma-2 or BART) under ``parallel`` / ``precision``."""
+    gemma = decoder.arch == "gemma2"
+    return _transformer_config(
+        num_layers=decoder.num_layers,
+        hidden_size=decoder.hidden_size,
+        ffn_hidden_size=decoder.ffn_hidden_size,
+        num_heads=decoder.num_attention_heads,
+        num_kv_heads=decoder.num_kv_heads,
+        head_dim=decoder.head_dim,
+        init_std=decoder.init_std,
+        norm="RMSNorm" if gemma else "LayerNorm",
+        norm_eps=decoder.norm_eps,
+        gated=gemma,
+        bias=not gemma,
+        dropout=decoder.dropout,
+        attention_dropout=decoder.attention_dropout,
+        parallel=parallel,
+        precision=precision,
+    )
+
+
+def build_encoder_transformer_config(
+    encoder: EncoderConfig,
+    parallel: ParallelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+) -> TransformerConfig:
+    """TransformerConfig for the BART encoder. The encoder never uses sequence parallelism:
+    its output is consumed in full by every decoder layer on every TP rank."""
+    return _transformer_config(
+        num_layers=encoder.num_layers,
+        hidden_size=encoder.hidden_size,
+        ffn_hidden_size=encoder.ffn_hidden_size,
+        num_heads=encoder.num_attention_heads,
+        num_kv_heads=encoder.num_attention_heads,
+        head_dim=encoder.hidden_size // encoder.num_attention_heads,
+        init_std=encoder.init_std,
+        norm="LayerNorm",
+        norm_eps=encoder.layer_norm_eps,
+        gated=False,
+        bias=True,
+        dropout=encoder.dropout,
+        attention_dropout=encoder.attention_dropout,
+        parallel=parallel,
+        precision=precision,
+        sequence_parallel=False,
     )
 
 

@@ -121,6 +121,11 @@ def apply_cpu_shim() -> bool:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)  # type: ignore[assignment]
     mcore_random._get_cuda_rng_state = _cpu_rng_state
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    # fork() warns when the CPU generator changes inside a "CUDA" RNG region; here the CPU
+    # generator IS the tracked one, so that is the expected behaviour, not a bug.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
 
     # Tensor.type() is compared against "torch.cuda.FloatTensor" / HalfTensor / BFloat16Tensor
     # in optimizer/distrib_optimizer.py and optimizer/clip_grads.py.

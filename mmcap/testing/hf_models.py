@@ -48,3 +48,41 @@ def tiny_gemma2(
             if name.endswith("norm.weight"):
                 p.normal_(0.0, 0.3)
     return model
+
+
+def tiny_florence2(seed: int = 0, *, vocab_size: int = 1000, image_token_id: int = 999):
+    """A random transformers ``Florence2ForConditionalGeneration`` (float32, eval): DaViT with
+    four tiny stages, a 2+2-layer BART with d_model 64. LayerNorm affines are randomised (HF
+    initialises them to 1 / 0, which would hide a missing or swapped norm)."""
+    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
+    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+
+    vision = Florence2VisionConfig(
+        embed_dim=(16, 32, 64, 128),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 4, 8),
+        num_groups=(1, 2, 4, 8),
+        window_size=3,
+        projection_dim=64,
+    )
+    text = BartConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+    )
+    cfg = Florence2Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id
+    )
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+    return model

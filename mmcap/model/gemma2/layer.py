@@ -16,10 +16,25 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmcap.config import DecoderConfig
-from mmcap.model.gemma2.attention import Gemma2SelfAttention
+from mmcap.model.attention import AttentionSpec, SelfAttention
 from mmcap.model.gemma2.cross_attention import GatedCrossAttention
-from mmcap.model.gemma2.mlp import GeGLUMLP
+from mmcap.model.mlp import MLP
 from mmcap.model.norms import GemmaRMSNorm
+
+
+def self_attention_spec(decoder: DecoderConfig, layer_idx: int) -> AttentionSpec:
+    """Gemma-2 self-attention of global layer ``layer_idx``: scale query_pre_attn_scalar^-0.5,
+    soft-cap, and the sliding window on HF's ``sliding_attention`` layers."""
+    return AttentionSpec(
+        hidden_size=decoder.hidden_size,
+        num_heads=decoder.num_attention_heads,
+        num_kv_heads=decoder.num_kv_heads,
+        head_dim=decoder.head_dim,
+        softmax_scale=decoder.query_pre_attn_scalar**-0.5,
+        softcap=decoder.attn_logit_softcap,
+        window=decoder.sliding_window if decoder.is_sliding(layer_idx) else None,
+        dropout_p=decoder.attention_dropout,
+    )
 
 
 class Gemma2DecoderLayer(MegatronModule):
@@ -39,13 +54,22 @@ class Gemma2DecoderLayer(MegatronModule):
             decoder.hidden_size,
         )
         self.input_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.self_attention = Gemma2SelfAttention(config, decoder, layer_idx)
+        self.self_attention = SelfAttention(
+            config, self_attention_spec(decoder, layer_idx), causal=True
+        )
         self.post_attention_layernorm = GemmaRMSNorm(h, eps, sp, dt)
         self.cross_attention = (
             GatedCrossAttention(config, decoder) if decoder.gated_cross_attention else None
         )
         self.pre_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.mlp = GeGLUMLP(config, decoder)
+        self.mlp = MLP(
+            config,
+            h,
+            decoder.ffn_hidden_size,
+            activation=decoder.activation,
+            gated=True,
+            bias=False,
+        )
         self.post_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
 
     def forward(

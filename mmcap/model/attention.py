@@ -1,0 +1,204 @@
+"""Tensor-parallel self- and cross-attention, shared by the Gemma-2 and BART stacks.
+
+Projections are megatron-core Column/RowParallelLinear. The fused self-attention QKV uses
+megatron-core's grouped layout: for each of the ``num_kv_heads`` query groups the rows are
+[q heads of the group ; k ; v] (``head_dim`` rows each), so a column split over TP keeps whole
+groups on a rank (MHA is the case groups = heads). Cross-attention projects q from the decoder
+states and the fused [k ; v] (per group) from the encoder output. The kernel is whatever the
+attention back-end registry (:mod:`mmcap.ops.attention`) picks.
+
+Sequence parallelism: q-side inputs may be sequence shards (the column-parallel linear
+all-gathers them, the row-parallel output reduce-scatters). The encoder output read by
+cross-attention is held in full by every TP rank, so ``linear_kv`` neither all-gathers it nor
+all-reduces its gradient: the owner of the encoder output does that reduction once for all
+layers (``copy_to_tensor_model_parallel_region``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from mmcap.model.rope import apply_rotary
+from mmcap.ops.attention import attention
+from mmcap.parallel.rng import tp_region_rng
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shape and numerics of one attention block.
+
+    Args:
+        hidden_size: width of the query-side input and of the output.
+        num_heads / num_kv_heads / head_dim: GQA layout (MHA: num_kv_heads == num_heads).
+        softmax_scale: multiplier of q.k (Gemma-2: query_pre_attn_scalar ** -0.5).
+        softcap: tanh soft-cap of the logits (Gemma-2: 50), None = off.
+        window: sliding window (HF semantics) or None; self-attention only.
+        bias: biases on the projections (BART: yes, Gemma-2: no).
+        dropout_p: attention-probability dropout in training.
+        kv_input_size: width of the encoder output (cross-attention).
+        init_method / output_init_method: weight initialisers of the in / out projections.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    softmax_scale: float
+    softcap: float | None = None
+    window: int | None = None
+    bias: bool = False
+    dropout_p: float = 0.0
+    kv_input_size: int | None = None
+    init_method: Callable | None = None
+    output_init_method: Callable | None = None
+
+    def replace(self, **changes) -> "AttentionSpec":
+        return dataclasses.replace(self, **changes)
+
+
+class _AttentionBase(MegatronModule):
+    def __init__(self, config: TransformerConfig, spec: AttentionSpec) -> None:
+        super().__init__(config=config)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp = config.tensor_model_parallel_size
+        self.spec = spec
+        self.heads_per_rank = divide(spec.num_heads, tp)
+        self.groups_per_rank = divide(spec.num_kv_heads, tp)
+        self.init_method = spec.init_method or config.init_method
+        self.output_init_method = spec.output_init_method or config.output_layer_init_method
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            spec.num_heads * spec.head_dim,
+            spec.hidden_size,
+            config=config,
+            tp_group=self.tp_group,
+            init_method=self.output_init_method,
+            bias=spec.bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def _attend(
+        self, q, k, v, *, causal: bool, window: int | None, kv_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q [s, b, heads_local, d], k/v [s_kv, b, groups_local, d] -> projected [s, b, h]."""
+        s, b = q.shape[:2]
+        dropout = self.spec.dropout_p if self.training else 0.0
+        with tp_region_rng(dropout > 0):
+            out = attention(
+                q.transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                softmax_scale=self.spec.softmax_scale,
+                causal=causal,
+                softcap=self.spec.softcap,
+                window=window,
+                kv_padding_mask=kv_padding_mask,
+                dropout_p=dropout,
+            )
+        out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.spec.head_dim)
+        out, _ = self.linear_proj(out)
+        return out
+
+
+class SelfAttention(_AttentionBase):
+    """Causal (decoder) or bidirectional (encoder) self-attention with fused grouped QKV.
+
+    Args:
+        config: megatron-core TransformerConfig (TP size, SP, dtypes).
+        spec: the block's shapes and numerics.
+        causal: decoder (True) or encoder (False) attention.
+    """
+
+    def __init__(self, config: TransformerConfig, spec: AttentionSpec, causal: bool) -> None:
+        super().__init__(config, spec)
+        self.causal = causal
+        qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        self.linear_qkv = tensor_parallel.ColumnParallelLinear(
+            spec.hidden_size,
+            qkv,
+            config=config,
+            tp_group=self.tp_group,
+            init_method=self.init_method,
+            bias=spec.bias,
+            gather_output=False,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [s(/tp with SP), b, h]; rope tables or None; padding_mask bool [b, s]
+        (True = real token; encoder only). Returns [s(/tp), b, h]."""
+        qkv, _ = self.linear_qkv(hidden)  # [s, b, groups_local * (hpg + 2) * d]
+        s, b = qkv.shape[:2]
+        d, g = self.spec.head_dim, self.groups_per_rank
+        hpg = self.heads_per_rank // g
+        q, k, v = torch.split(qkv.view(s, b, g, hpg + 2, d), [hpg, 1, 1], dim=3)
+        q = q.reshape(s, b, self.heads_per_rank, d)
+        k, v = k.reshape(s, b, g, d), v.reshape(s, b, g, d)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self._attend(
+            q, k, v, causal=self.causal, window=self.spec.window, kv_padding_mask=padding_mask
+        )
+
+
+class CrossAttention(_AttentionBase):
+    """Attention from (decoder) states to a full, TP-replicated encoder output."""
+
+    def __init__(self, config: TransformerConfig, spec: AttentionSpec) -> None:
+        super().__init__(config, spec)
+        if spec.kv_input_size is None:
+            raise ValueError("CrossAttention needs AttentionSpec.kv_input_size (encoder width)")
+        no_sp = dataclasses.replace(config)
+        no_sp.sequence_parallel = False
+        self.linear_q = tensor_parallel.ColumnParallelLinear(
+            spec.hidden_size,
+            spec.num_heads * spec.head_dim,
+            config=config,
+            tp_group=self.tp_group,
+            init_method=self.init_method,
+            bias=spec.bias,
+            gather_output=False,
+        )
+        # Rows per query group: [k ; v] (megatron-core's cross-attention linear_kv layout).
+        self.linear_kv = tensor_parallel.ColumnParallelLinear(
+            spec.kv_input_size,
+            2 * spec.num_kv_heads * spec.head_dim,
+            config=no_sp,
+            tp_group=self.tp_group,
+            init_method=self.init_method,
+            bias=spec.bias,
+            gather_output=False,
+            disable_grad_reduce=True,
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """hidden [s(/tp), b, h]; encoder_out [s_enc, b, w] (full on every TP rank);
+        encoder_mask bool [b, s_enc], True = real token. Returns [s(/tp), b, h]."""
+        q, _ = self.linear_q(hidden)
+        kv, _ = self.linear_kv(encoder_out)
+        s, b = q.shape[:2]
+        d = self.spec.head_dim
+        q = q.view(s, b, self.heads_per_rank, d)
+        kv = kv.view(kv.shape[0], b, self.groups_per_rank, 2, d)
+        return self._attend(
+            q,
+            kv[:, :, :, 0],
+            kv[:, :, :, 1],
+            causal=False,
+            window=None,
+            kv_padding_mask=encoder_mask,
+        )

@@ -1,0 +1,83 @@
+"""Florence-2's BART encoder over [image tokens ; prompt tokens].
+
+The image tokens (from the vision tower's projector, already encoder-width) are prepended to
+the scaled prompt-token embeddings, learned positions run over the whole sequence (as
+transformers' Florence2 model, which scatters image features into placeholder positions), then
+the post-LN BART layers. The output, [S, b, d] with S = image tokens + prompt tokens, stays in
+full on every TP rank (no sequence parallelism): every decoder layer cross-attends to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from mmcap.config import EncoderConfig
+from mmcap.model.bart.embedding import BartEmbedding
+from mmcap.model.bart.layers import BartEncoderLayer
+
+
+class BartEncoder(MegatronModule):
+    """Args:
+    config: encoder TransformerConfig (:func:`build_encoder_transformer_config`).
+    encoder: the mmcap EncoderConfig.
+    """
+
+    def __init__(self, config: TransformerConfig, encoder: EncoderConfig) -> None:
+        super().__init__(config=config)
+        self.encoder_config = encoder
+        self.embedding = BartEmbedding(
+            config,
+            encoder.embedding_rows(config.tensor_model_parallel_size),
+            encoder.hidden_size,
+            encoder.max_position_embeddings,
+            encoder.layer_norm_eps,
+            encoder.dropout,
+            encoder.scale_embedding,
+        )
+        self.layers = nn.ModuleList(
+            BartEncoderLayer(
+                config,
+                hidden=encoder.hidden_size,
+                heads=encoder.num_attention_heads,
+                ffn=encoder.ffn_hidden_size,
+                activation=encoder.activation,
+                eps=encoder.layer_norm_eps,
+                dropout=encoder.dropout,
+                attention_dropout=encoder.attention_dropout,
+                activation_dropout=encoder.activation_dropout,
+                init_std=encoder.init_std,
+            )
+            for _ in range(encoder.num_layers)
+        )
+
+    def forward(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode.
+
+        Args:
+            prompt_ids: [b, s] BART token ids.
+            prompt_mask: bool [b, s], True = real token (None = no padding).
+            image_tokens: [b, n, d] projected image tokens, or None (text only).
+
+        Returns:
+            (encoder output [n + s, b, d], mask bool [b, n + s]) — the mask is the
+            cross-attention mask of every decoder layer.
+        """
+        b, s = prompt_ids.shape
+        if prompt_mask is None:
+            prompt_mask = torch.ones(b, s, dtype=torch.bool, device=prompt_ids.device)
+        mask = prompt_mask.bool()
+        if image_tokens is not None:
+            img = torch.ones(b, image_tokens.shape[1], dtype=torch.bool, device=mask.device)
+            mask = torch.cat([img, mask], dim=1)
+        hidden = self.embedding(prompt_ids, prefix=image_tokens)
+        for layer in self.layers:
+            hidden = layer(hidden, mask)
+        return hidden, mask

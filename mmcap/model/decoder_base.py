@@ -1,0 +1,184 @@
+"""What every mmcap text decoder shares, as a megatron-core ``LanguageModule``.
+
+A decoder stage owns: the token embedding (first pipeline stage, ``pre_process``), its slice of
+the layers (``layer_range``, global indices), and the head (last stage, ``post_process``):
+optional final norm, tied vocab-parallel LM head, optional final-logit soft-cap, masking of the
+TP vocabulary padding, and megatron-core's vocab-parallel cross-entropy. The tied embedding is
+kept in sync between first and last stage by LanguageModule. Subclasses (Gemma-2, BART)
+provide the embedding, the layers and the final norm.
+
+Activations are [sequence, batch, hidden] (a sequence shard with sequence parallelism). The
+encoder output is given to every stage in full.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from mmcap.config import DecoderConfig
+from mmcap.model.pipeline import decoder_layer_range
+
+IGNORE_INDEX = -100  # label value excluded from the loss (HF / PyTorch convention)
+
+
+class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
+    """Base class of the decoder of one pipeline stage / virtual chunk.
+
+    Args:
+        config: megatron-core TransformerConfig of the decoder.
+        decoder: the mmcap DecoderConfig.
+        pre_process: build the embedding (first stage).
+        post_process: build final norm, LM head and loss (last stage).
+        layer_range: [start, end) global layer indices to build; default from the PP rank.
+        vp_stage: virtual-pipeline chunk index (interleaved schedule).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        decoder: DecoderConfig,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: tuple[int, int] | None = None,
+        vp_stage: int | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        self.decoder_config = decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = decoder.tie_word_embeddings
+        self.vocab_size = decoder.vocab_size
+        self.padded_vocab_size = decoder.padded_vocab_size(config.tensor_model_parallel_size)
+        self.input_tensor: torch.Tensor | None = None
+        if pre_process:
+            self.embedding = self.build_embedding()
+        if layer_range is None:
+            layer_range = decoder_layer_range(
+                decoder.num_layers,
+                parallel_state.get_pipeline_model_parallel_rank(),
+                config.pipeline_model_parallel_size,
+                vp_stage,
+                config.virtual_pipeline_model_parallel_size,
+            )
+        self.layer_range = layer_range
+        self.layers = nn.ModuleList(self.build_layer(i) for i in range(*layer_range))
+        if post_process:
+            self.final_layernorm = self.build_final_norm()
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                decoder.hidden_size,
+                self.padded_vocab_size,
+                config=config,
+                tp_group=self.tp_group,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process
+                and self.share_embeddings_and_output_weights,
+            )
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # --- subclass hooks -------------------------------------------------------------------
+    @abstractmethod
+    def build_embedding(self) -> nn.Module:
+        """Module with a ``word_embeddings`` VocabParallelEmbedding (tied to the LM head)."""
+
+    @abstractmethod
+    def build_layer(self, layer_idx: int) -> nn.Module:
+        """Layer with global index ``layer_idx``; called as
+        ``layer(hidden, layer_context, encoder_out, encoder_mask)``."""
+
+    @abstractmethod
+    def build_final_norm(self) -> nn.Module | None:
+        """Norm before the LM head, or None (BART has none)."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] ids -> [s(/tp), b, h] first-stage hidden states."""
+
+    def layer_context(self, position_ids: torch.Tensor):
+        """Per-forward inputs every layer of the stage shares (e.g. RoPE tables); None here."""
+        return None
+
+    # --- shared ---------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's activations in here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_out: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run this stage.
+
+        Args:
+            input_ids: [b, s] decoder input ids (every stage gets them: they size positions).
+            encoder_out: [s_enc, b, encoder_hidden], the full encoder output (every stage).
+            encoder_mask: bool [b, s_enc], True = real encoder token.
+            position_ids: [b, s]; default 0..s-1.
+            labels: [b, s] targets aligned with input_ids (IGNORE_INDEX = no loss).
+
+        Returns:
+            Not last stage: hidden states [s(/tp), b, h]. Last stage: per-token loss [b, s]
+            (0 where ignored) if labels is given, else vocab-parallel logits [b, s, V_pad / tp].
+        """
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        hidden = self.embed(input_ids, position_ids) if self.pre_process else self.input_tensor
+        if encoder_out is not None and self.config.tensor_model_parallel_size > 1:
+            # Identity forward; ONE all-reduce over TP of the encoder-output gradient in
+            # backward, for the partial gradients of every layer's linear_kv.
+            encoder_out = tensor_parallel.copy_to_tensor_model_parallel_region(encoder_out)
+        ctx = self.layer_context(position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, ctx, encoder_out, encoder_mask)
+        if not self.post_process:
+            return hidden
+        if self.final_layernorm is not None:
+            hidden = self.final_layernorm(hidden)
+        return self._head(hidden, labels)
+
+    def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V_pad / tp]
+        cap = self.decoder_config.final_logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        logits = self._mask_vocab_padding(logits)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        ignore = labels == IGNORE_INDEX
+        loss = self.compute_language_model_loss(labels.masked_fill(ignore, 0), logits)
+        return loss.masked_fill(ignore, 0.0)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Rows >= vocab_size exist only to make the vocabulary divisible by TP: give them
+        the lowest logit so they take no probability (the model then equals the unpadded one)."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start + local <= self.vocab_size:
+            return logits
+        ids = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(ids >= self.vocab_size, torch.finfo(logits.dtype).min)
