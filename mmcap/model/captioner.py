@@ -95,6 +95,17 @@ class CaptioningModel(MegatronModule):
             for name, p in self.decoder.named_parameters():
                 p.requires_grad_(any(k in f".{name}" for k in _XATTN_TRAINABLE))
 
+    def global_name(self, name: str) -> str:
+        """TP/PP-independent name of local parameter ``name``: decoder layers get their global
+        index; the last stage's tied LM head is the decoder embedding."""
+        if name.startswith("decoder.layers."):
+            i, rest = name[len("decoder.layers."):].split(".", 1)
+            return f"decoder.layers.{int(i) + self.decoder.layer_range[0]}.{rest}"
+        if name == "decoder.output_layer.weight" and \
+                self.decoder.share_embeddings_and_output_weights:
+            return "decoder.embedding.word_embeddings.weight"
+        return name
+
     def set_input_tensor(self, input_tensor) -> None:
         """From the pipeline schedule: ``[decoder_hidden, encoder_out]`` (non-first stages)."""
         if not isinstance(input_tensor, (list, tuple)):

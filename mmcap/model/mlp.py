@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -86,3 +87,12 @@ class MLP(MegatronModule):
                 h = F.dropout(h, self.activation_dropout, training=True)
         out, _ = self.linear_fc2(h)
         return out
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """The fused [gate ; up] fc1 weight is saved as its two TP-sharded halves (megatron-core's
+        swiglu factory), so it reshards to any TP size."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.gated:
+            key = f"{prefix}linear_fc1.weight"
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets)
+        return sd

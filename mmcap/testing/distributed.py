@@ -61,8 +61,14 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, threads: int)
     except Exception:  # report the failure instead of hanging the parent
         results.put((rank, False, traceback.format_exc()))
         return
+    parent = os.getppid()
     while True:
-        item = tasks.get()
+        try:
+            item = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process died: do not linger
+                break
+            continue
         if item == _STOP:
             break
         fn, args, kwargs = item
@@ -108,7 +114,9 @@ class DistributedWorkers:
             ctx.Process(
                 target=_worker,
                 args=(r, world_size, port, self._tasks[r], self._results, threads),
-                daemon=True,
+                # Not daemonic: megatron-core's checkpoint writer forks helpers, which daemonic
+                # processes may not; orphaned workers exit on their own (see _worker).
+                daemon=False,
             )
             for r in range(world_size)
         ]
@@ -127,11 +135,12 @@ class DistributedWorkers:
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 self.close(force=True)
+                missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
+                seen = "\n".join(f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items()))
                 raise TimeoutError(
-                    f"{fn.__name__}: no result from ranks "
-                    f"{sorted(set(range(self.world_size)) - set(out) - set(errors))} within "
-                    f"{self.timeout:.0f} s (dead ranks: {dead})"
-                ) from None
+                    f"{fn.__name__}: no result from ranks {missing} within {self.timeout:.0f} s "
+                    f"(dead ranks: {dead}); often a collective left waiting by a rank that "
+                    f"failed:\n{seen}") from None
             (out if ok else errors)[rank] = value
         if errors:
             msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))

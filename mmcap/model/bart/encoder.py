@@ -17,6 +17,7 @@ from torch import nn
 from mmcap.config import EncoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
 from mmcap.model.bart.layers import BartEncoderLayer
+from mmcap.model.sharded import stack_sharded_state_dict
 
 
 class BartEncoder(MegatronModule):
@@ -81,3 +82,6 @@ class BartEncoder(MegatronModule):
         for layer in self.layers:
             hidden = layer(hidden, mask)
         return hidden, mask
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        return stack_sharded_state_dict(self, prefix, sharded_offsets, metadata, 0)

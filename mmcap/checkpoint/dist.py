@@ -1,0 +1,82 @@
+"""Model checkpoints in megatron-core's distributed format (``dist_checkpointing``).
+
+A checkpoint directory holds megatron-core's sharded tensors (GLOBAL names: any TP/PP layout
+loads it) and ``mmcap_model.json`` (the ModelConfig plus free-form metadata). Saving is
+atomic: everything is written to ``<dir>.partial`` and renamed to ``<dir>`` only when every
+rank has finished, so a killed save never leaves a directory that reads as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from mmcap.config import ModelConfig
+from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
+
+CONFIG_FILE = "mmcap_model.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
+                          model_config: ModelConfig, metadata: dict | None = None,
+                          overwrite: bool = False) -> Path:
+    """Save ``model`` (this rank's stage) collectively; returns the final directory.
+
+    Args:
+        model: a module with megatron-core's ``sharded_state_dict`` (CaptioningModel).
+        ckpt_dir: destination; must not exist unless ``overwrite``.
+        model_config: stored as JSON next to the tensors.
+        metadata: extra JSON-able facts (source checkpoint, tokenizer hashes, ...).
+    """
+    final = Path(ckpt_dir)
+    partial = final.with_name(final.name + ".partial")
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; choose another --out or pass overwrite")
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed save
+        partial.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial))
+    _barrier()
+    if _rank() == 0:
+        info = {"model": model_config_to_dict(model_config), "metadata": metadata or {}}
+        (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    _barrier()
+    return final
+
+
+def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, metadata) of a checkpoint; a clear error if it is not one."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        hint = " (an interrupted save?)" if Path(str(ckpt_dir) + ".partial").exists() else ""
+        raise FileNotFoundError(f"{ckpt_dir} is not an mmcap checkpoint: no {CONFIG_FILE}{hint}")
+    info = json.loads(path.read_text())
+    return model_config_from_dict(info["model"], where=str(path)), info.get("metadata", {})
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
+                          strict: bool = True) -> None:
+    """Load a checkpoint saved with any TP/PP layout into this rank's stage (collective)."""
+    read_checkpoint_info(ckpt_dir)  # fails early with a clear message
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    model.load_state_dict(state, strict=strict)
