@@ -70,6 +70,7 @@ setup(
         "sentencepiece",
         "safetensors",
         "transformers>=5.0",
+        "pillow",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],

@@ -7,5 +7,4 @@ from mmcap.checkpoint.dist import (
     save_model_checkpoint,
 )
 
-__all__ = ["CONFIG_FILE", "load_model_checkpoint", "read_checkpoint_info",
-           "save_model_checkpoint"]
+__all__ = ["CONFIG_FILE", "load_model_checkpoint", "read_checkpoint_info", "save_model_checkpoint"]

@@ -32,9 +32,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
-                          model_config: ModelConfig, metadata: dict | None = None,
-                          overwrite: bool = False) -> Path:
+def save_model_checkpoint(
+    model: torch.nn.Module,
+    ckpt_dir: str | os.PathLike,
+    model_config: ModelConfig,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> Path:
     """Save ``model`` (this rank's stage) collectively; returns the final directory.
 
     Args:
@@ -42,6 +47,8 @@ def save_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
         ckpt_dir: destination; must not exist unless ``overwrite``.
         model_config: stored as JSON next to the tensors.
         metadata: extra JSON-able facts (source checkpoint, tokenizer hashes, ...).
+        extra_files: relative name -> source file, copied in before the directory appears
+            (tokenizers).
     """
     final = Path(ckpt_dir)
     partial = final.with_name(final.name + ".partial")
@@ -56,6 +63,9 @@ def save_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
     if _rank() == 0:
         info = {"model": model_config_to_dict(model_config), "metadata": metadata or {}}
         (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        for name, src in (extra_files or {}).items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, partial / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -73,8 +83,9 @@ def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict
     return model_config_from_dict(info["model"], where=str(path)), info.get("metadata", {})
 
 
-def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike,
-                          strict: bool = True) -> None:
+def load_model_checkpoint(
+    model: torch.nn.Module, ckpt_dir: str | os.PathLike, strict: bool = True
+) -> None:
     """Load a checkpoint saved with any TP/PP layout into this rank's stage (collective)."""
     read_checkpoint_info(ckpt_dir)  # fails early with a clear message
     sharded = model.sharded_state_dict()

@@ -6,6 +6,7 @@ Shapes come from ``shared/design/SYSTEM.md`` and the public configs of Florence-
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from mmcap.config.model import ConfigError, DecoderConfig, EncoderConfig, ModelConfig, VisionConfig
@@ -202,6 +203,8 @@ def debug_gemma() -> ModelConfig:
 
 @register_preset("debug-florence")
 def debug_florence() -> ModelConfig:
-    dec = _bart_decoder(2, 64, 4, 128)
-    dec.vocab_size = 1000
+    # Same BART shape on both sides (as Florence-2; one HF BartConfig describes both stacks).
+    dec = dataclasses.replace(
+        _bart_decoder(2, 64, 4, 128), vocab_size=1000, max_position_embeddings=256
+    )
     return ModelConfig("debug-florence", _debug_vision(), _debug_encoder(), dec)

@@ -13,8 +13,12 @@ from mmcap.config.model import (
     VisionConfig,
 )
 
-_SECTIONS = {"vision": VisionConfig, "encoder": EncoderConfig, "decoder": DecoderConfig,
-             "trainable": TrainableConfig}
+_SECTIONS = {
+    "vision": VisionConfig,
+    "encoder": EncoderConfig,
+    "decoder": DecoderConfig,
+    "trainable": TrainableConfig,
+}
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:

@@ -48,11 +48,36 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
+def _stacks(model: ModelConfig, with_decoder: bool):
+    """(name, layers, heads, width, per-layer table, has cross-attention) per BART stack."""
+    enc, dec = model.encoder, model.decoder
+    out = [
+        ("encoder", enc.num_layers, enc.num_attention_heads, enc.hidden_size, ENCODER_LAYER, False)
+    ]
+    if with_decoder:
+        out.append(
+            (
+                "decoder",
+                dec.num_layers,
+                dec.num_attention_heads,
+                dec.hidden_size,
+                DECODER_LAYER,
+                True,
+            )
+        )
+    return out
+
+
 def bart_from_hf(
-    sd: dict[str, torch.Tensor], model: ModelConfig, layout: str = "hf", tensor_parallel: int = 1
+    sd: dict[str, torch.Tensor],
+    model: ModelConfig,
+    layout: str = "hf",
+    tensor_parallel: int = 1,
+    with_decoder: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """mmcap ``encoder.*`` and ``decoder.*`` tensors (full, TP-independent) from a Florence-2
-    state dict in ``layout`` ("hf" or "official"). The decoder must be BART (Florence sizes)."""
+    """mmcap ``encoder.*`` (and, ``with_decoder``, BART ``decoder.*``) tensors, full and
+    TP-independent, from a Florence-2 state dict in ``layout`` ("hf" or "official").
+    Embedding tables are zero-padded to the model's row counts."""
     pre = LM_PREFIX[layout]
 
     def get(name: str) -> torch.Tensor:
@@ -61,25 +86,7 @@ def bart_from_hf(
         return sd[name]
 
     out: dict[str, torch.Tensor] = {}
-    stacks = (
-        (
-            "encoder",
-            model.encoder.num_layers,
-            model.encoder.num_attention_heads,
-            model.encoder.hidden_size,
-            ENCODER_LAYER,
-            False,
-        ),
-        (
-            "decoder",
-            model.decoder.num_layers,
-            model.decoder.num_attention_heads,
-            model.decoder.hidden_size,
-            DECODER_LAYER,
-            True,
-        ),
-    )
-    for stack, layers, heads, width, table, cross in stacks:
+    for stack, layers, heads, width, table, cross in _stacks(model, with_decoder):
         src = f"{pre}{stack}."
         for ours, theirs in STACK:
             for p in PARAMS if "{p}" in ours else ("",):
@@ -94,42 +101,26 @@ def bart_from_hf(
                 if cross:
                     k, v = (get(b + n.format(p=p)) for n in XKV[1])
                     out[a + XKV[0].format(p=p)] = fuse_kv(k, v, heads, width // heads)
-    enc_rows = model.encoder.embedding_rows(tensor_parallel)
     out["encoder.embedding.word_embeddings.weight"] = _pad_rows(
-        _first(sd, f"{pre}encoder.embed_tokens.weight", f"{pre}shared.weight"), enc_rows
+        _first(sd, f"{pre}encoder.embed_tokens.weight", f"{pre}shared.weight"),
+        model.encoder.embedding_rows(tensor_parallel),
     )
-    out["decoder.embedding.word_embeddings.weight"] = _pad_rows(
-        _first(sd, f"{pre}decoder.embed_tokens.weight", f"{pre}shared.weight"),
-        model.decoder.padded_vocab_size(tensor_parallel),
-    )
+    if with_decoder:
+        out["decoder.embedding.word_embeddings.weight"] = _pad_rows(
+            _first(sd, f"{pre}decoder.embed_tokens.weight", f"{pre}shared.weight"),
+            model.decoder.padded_vocab_size(tensor_parallel),
+        )
     return out
 
 
 def bart_to_hf(
-    ours: dict[str, torch.Tensor], model: ModelConfig, layout: str = "hf"
+    ours: dict[str, torch.Tensor], model: ModelConfig, layout: str = "hf", with_decoder: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`bart_from_hf` (embeddings cut back to the real vocabularies)."""
+    """Inverse of :func:`bart_from_hf` (embeddings cut back to the model's real row counts:
+    the encoder's ``padded_vocab_size`` rows and the decoder's ``vocab_size`` rows)."""
     pre = LM_PREFIX[layout]
     out: dict[str, torch.Tensor] = {}
-    stacks = (
-        (
-            "encoder",
-            model.encoder.num_layers,
-            model.encoder.num_attention_heads,
-            model.encoder.hidden_size,
-            ENCODER_LAYER,
-            False,
-        ),
-        (
-            "decoder",
-            model.decoder.num_layers,
-            model.decoder.num_attention_heads,
-            model.decoder.hidden_size,
-            DECODER_LAYER,
-            True,
-        ),
-    )
-    for stack, layers, heads, width, table, cross in stacks:
+    for stack, layers, heads, width, table, cross in _stacks(model, with_decoder):
         dst = f"{pre}{stack}."
         for o, t in STACK:
             for p in PARAMS if "{p}" in o else ("",):
@@ -139,21 +130,20 @@ def bart_to_hf(
             for p in PARAMS:
                 for o, t in table:
                     out[b + t.format(p=p)] = ours[a + o.format(p=p)]
-                for n, tensor in zip(
-                    QKV[1], split_qkv(ours[a + QKV[0].format(p=p)], heads, heads, width // heads)
-                ):
+                qkv = split_qkv(ours[a + QKV[0].format(p=p)], heads, heads, width // heads)
+                for n, tensor in zip(QKV[1], qkv):
                     out[b + n.format(p=p)] = tensor
                 if cross:
-                    for n, tensor in zip(
-                        XKV[1], split_kv(ours[a + XKV[0].format(p=p)], heads, width // heads)
-                    ):
+                    kv = split_kv(ours[a + XKV[0].format(p=p)], heads, width // heads)
+                    for n, tensor in zip(XKV[1], kv):
                         out[b + n.format(p=p)] = tensor
     out[f"{pre}encoder.embed_tokens.weight"] = ours["encoder.embedding.word_embeddings.weight"][
         : model.encoder.padded_vocab_size
     ]
-    out[f"{pre}decoder.embed_tokens.weight"] = ours["decoder.embedding.word_embeddings.weight"][
-        : model.decoder.vocab_size
-    ]
+    if with_decoder:
+        out[f"{pre}decoder.embed_tokens.weight"] = ours["decoder.embedding.word_embeddings.weight"][
+            : model.decoder.vocab_size
+        ]
     return out
 
 

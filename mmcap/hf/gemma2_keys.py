@@ -17,95 +17,131 @@ import re
 import torch
 
 from mmcap.config import DecoderConfig
-from mmcap.hf.fused import fuse_kv, fuse_qkv, split_kv, split_qkv  # noqa: F401 (re-export)
+from mmcap.hf.fused import fuse_kv, fuse_qkv, split_kv, split_qkv
 
-# (mmcap name, HF name) for tensors that are copied as they are; {i} = global layer index.
+# (mmcap name, checkpoint name below the decoder prefix); {i} = global layer index.
+# Gemma2ForCausalLM's decoder prefix is "model."; mmcap's HF classes use
+# "model.language_model.decoder." and the paper's official layout "language_model.model.decoder.".
+GEMMA2_PREFIX = "model."
 LAYER_COPY = [
-    ("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
-    (
-        "layers.{i}.post_attention_layernorm.weight",
-        "model.layers.{i}.post_attention_layernorm.weight",
-    ),
-    ("layers.{i}.pre_mlp_layernorm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
-    ("layers.{i}.post_mlp_layernorm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
-    ("layers.{i}.self_attention.linear_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("layers.{i}.mlp.linear_fc2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.pre_mlp_layernorm.weight", "layers.{i}.pre_feedforward_layernorm.weight"),
+    ("layers.{i}.post_mlp_layernorm.weight", "layers.{i}.post_feedforward_layernorm.weight"),
+    ("layers.{i}.self_attention.linear_proj.weight", "layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.mlp.linear_fc2.weight", "layers.{i}.mlp.down_proj.weight"),
 ]
-GLOBAL_COPY = [("final_layernorm.weight", "model.norm.weight")]
-EMBEDDING = ("embedding.word_embeddings.weight", "model.embed_tokens.weight")
+GLOBAL_COPY = [("final_layernorm.weight", "norm.weight")]
+EMBEDDING = ("embedding.word_embeddings.weight", "embed_tokens.weight")
 QKV = (
     "layers.{i}.self_attention.linear_qkv.weight",
     (
-        "model.layers.{i}.self_attn.q_proj.weight",
-        "model.layers.{i}.self_attn.k_proj.weight",
-        "model.layers.{i}.self_attn.v_proj.weight",
+        "layers.{i}.self_attn.q_proj.weight",
+        "layers.{i}.self_attn.k_proj.weight",
+        "layers.{i}.self_attn.v_proj.weight",
     ),
 )
 FC1 = (
     "layers.{i}.mlp.linear_fc1.weight",
-    ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+)
+# The gated cross-attention block (mmcap's HF classes and the official layout).
+XATTN_COPY = [
+    ("layers.{i}.cross_attention.linear_q.weight", "layers.{i}.encoder_attn.q_proj.weight"),
+    ("layers.{i}.cross_attention.linear_proj.weight", "layers.{i}.encoder_attn.o_proj.weight"),
+    ("layers.{i}.cross_attention.gate", "layers.{i}.encoder_attn_gate"),
+    (
+        "layers.{i}.cross_attention.post_norm.weight",
+        "layers.{i}.post_encoder_attention_layernorm.weight",
+    ),
+]
+XATTN_KV = (
+    "layers.{i}.cross_attention.linear_kv.weight",
+    ("layers.{i}.encoder_attn.k_proj.weight", "layers.{i}.encoder_attn.v_proj.weight"),
 )
 
 
 def gemma2_from_hf(
-    hf: dict[str, torch.Tensor], decoder: DecoderConfig, padded_vocab_size: int
+    hf: dict[str, torch.Tensor],
+    decoder: DecoderConfig,
+    padded_vocab_size: int,
+    prefix: str = GEMMA2_PREFIX,
+    with_xattn: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Full (TP-independent, global-layer) mmcap tensors from a Gemma2ForCausalLM state dict.
+    """Full (TP-independent, global-layer) mmcap decoder tensors from a checkpoint.
 
-    Cross-attention projections and gates are NOT produced (HF Gemma-2 has none); each layer's
-    ``cross_attention.post_norm`` starts as a copy of its post-attention norm (SYSTEM.md).
+    Args:
+        hf: the checkpoint's tensors.
+        prefix: where the decoder lives in it (Gemma2ForCausalLM: "model.").
+        with_xattn: read the cross-attention block too. Without it (a plain Gemma-2), no
+            cross-attention projections or gates are produced and each layer's
+            ``cross_attention.post_norm`` starts as a copy of its post-attention norm
+            (SYSTEM.md).
     """
 
     def get(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise KeyError(f"Gemma-2 checkpoint has no tensor {name!r}")
-        return hf[name]
+        if prefix + name not in hf:
+            raise KeyError(f"checkpoint has no tensor {prefix + name!r}")
+        return hf[prefix + name]
 
     out: dict[str, torch.Tensor] = {}
     emb = get(EMBEDDING[1])
     if emb.shape != (decoder.vocab_size, decoder.hidden_size):
         raise ValueError(
-            f"{EMBEDDING[1]}: shape {tuple(emb.shape)}, the config expects "
+            f"{prefix}{EMBEDDING[1]}: shape {tuple(emb.shape)}, the config expects "
             f"({decoder.vocab_size}, {decoder.hidden_size})"
         )
-    pad = emb.new_zeros(padded_vocab_size - emb.shape[0], emb.shape[1])
-    out[EMBEDDING[0]] = torch.cat([emb, pad])
+    out[EMBEDDING[0]] = torch.cat(
+        [emb, emb.new_zeros(padded_vocab_size - emb.shape[0], emb.shape[1])]
+    )
     for ours, theirs in GLOBAL_COPY:
         out[ours] = get(theirs)
+    h, kv, d = decoder.num_attention_heads, decoder.num_kv_heads, decoder.head_dim
     for i in range(decoder.num_layers):
         for ours, theirs in LAYER_COPY:
             out[ours.format(i=i)] = get(theirs.format(i=i))
         q, k, v = (get(n.format(i=i)) for n in QKV[1])
-        out[QKV[0].format(i=i)] = fuse_qkv(
-            q, k, v, decoder.num_attention_heads, decoder.num_kv_heads, decoder.head_dim
-        )
+        out[QKV[0].format(i=i)] = fuse_qkv(q, k, v, h, kv, d)
         out[FC1[0].format(i=i)] = torch.cat([get(n.format(i=i)) for n in FC1[1]])
-        if decoder.gated_cross_attention:
+        if with_xattn:
+            for ours, theirs in XATTN_COPY:
+                out[ours.format(i=i)] = get(theirs.format(i=i))
+            k, v = (get(n.format(i=i)) for n in XATTN_KV[1])
+            out[XATTN_KV[0].format(i=i)] = fuse_kv(k, v, kv, d)
+        elif decoder.gated_cross_attention:
             out[f"layers.{i}.cross_attention.post_norm.weight"] = out[
                 f"layers.{i}.post_attention_layernorm.weight"
             ].clone()
     return out
 
 
-def gemma2_to_hf(ours: dict[str, torch.Tensor], decoder: DecoderConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`gemma2_from_hf` for the tensors Gemma2ForCausalLM has (tied lm_head)."""
-    out = {EMBEDDING[1]: ours[EMBEDDING[0]][: decoder.vocab_size].clone()}
+def gemma2_to_hf(
+    ours: dict[str, torch.Tensor],
+    decoder: DecoderConfig,
+    prefix: str = GEMMA2_PREFIX,
+    with_xattn: bool = False,
+    lm_head: str | None = "lm_head.weight",
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`gemma2_from_hf` (embedding cut to the vocabulary; tied ``lm_head``)."""
+    out = {prefix + EMBEDDING[1]: ours[EMBEDDING[0]][: decoder.vocab_size].clone()}
     for o, t in GLOBAL_COPY:
-        out[t] = ours[o]
+        out[prefix + t] = ours[o]
+    h, kv, d = decoder.num_attention_heads, decoder.num_kv_heads, decoder.head_dim
     for i in range(decoder.num_layers):
         for o, t in LAYER_COPY:
-            out[t.format(i=i)] = ours[o.format(i=i)]
-        q, k, v = split_qkv(
-            ours[QKV[0].format(i=i)],
-            decoder.num_attention_heads,
-            decoder.num_kv_heads,
-            decoder.head_dim,
-        )
-        for name, t in zip(QKV[1], (q, k, v)):
-            out[name.format(i=i)] = t
+            out[prefix + t.format(i=i)] = ours[o.format(i=i)]
+        for name, t in zip(QKV[1], split_qkv(ours[QKV[0].format(i=i)], h, kv, d)):
+            out[prefix + name.format(i=i)] = t
         gate, up = ours[FC1[0].format(i=i)].chunk(2)
-        out[FC1[1][0].format(i=i)], out[FC1[1][1].format(i=i)] = gate.clone(), up.clone()
-    out["lm_head.weight"] = out[EMBEDDING[1]]
+        out[prefix + FC1[1][0].format(i=i)] = gate.clone()
+        out[prefix + FC1[1][1].format(i=i)] = up.clone()
+        if with_xattn:
+            for o, t in XATTN_COPY:
+                out[prefix + t.format(i=i)] = ours[o.format(i=i)]
+            for name, t in zip(XATTN_KV[1], split_kv(ours[XATTN_KV[0].format(i=i)], kv, d)):
+                out[prefix + name.format(i=i)] = t
+    if lm_head:
+        out[lm_head] = out[prefix + EMBEDDING[1]]
     return out
 
 

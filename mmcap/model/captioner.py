@@ -99,10 +99,12 @@ class CaptioningModel(MegatronModule):
         """TP/PP-independent name of local parameter ``name``: decoder layers get their global
         index; the last stage's tied LM head is the decoder embedding."""
         if name.startswith("decoder.layers."):
-            i, rest = name[len("decoder.layers."):].split(".", 1)
+            i, rest = name[len("decoder.layers.") :].split(".", 1)
             return f"decoder.layers.{int(i) + self.decoder.layer_range[0]}.{rest}"
-        if name == "decoder.output_layer.weight" and \
-                self.decoder.share_embeddings_and_output_weights:
+        if (
+            name == "decoder.output_layer.weight"
+            and self.decoder.share_embeddings_and_output_weights
+        ):
             return "decoder.embedding.word_embeddings.weight"
         return name
 

@@ -158,12 +158,14 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """TP-sharded tensors under GLOBAL layer indices; the last stage's LM-head copy of the
         tied embedding is a replica of the first stage's table (LanguageModule's tying)."""
-        sd = stack_sharded_state_dict(self, prefix, sharded_offsets, metadata,
-                                      self.layer_range[0])
+        sd = stack_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.layer_range[0])
         if self.share_embeddings_and_output_weights:
             self.tie_embeddings_and_output_weights_state_dict(
-                sd, f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight",
-                metadata or {})
+                sd,
+                f"{prefix}output_layer.weight",
+                f"{prefix}embedding.word_embeddings.weight",
+                metadata or {},
+            )
         return sd
 
     def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -19,8 +19,9 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 
-def stack_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, metadata,
-                             layer_offset: int) -> dict:
+def stack_sharded_state_dict(
+    module: nn.Module, prefix: str, sharded_offsets, metadata, layer_offset: int
+) -> dict:
     """Sharded state dict of ``module`` whose ``layers`` ModuleList starts at global index
     ``layer_offset``; every other child uses megatron-core's default."""
     metadata = ensure_metadata_has_dp_cp_group(metadata)
@@ -30,17 +31,22 @@ def stack_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, me
     out: dict = {}
     for name, child in module.named_children():
         if name != "layers":
-            out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets,
-                                                  metadata, tp_group=tp_group))
+            out.update(
+                sharded_state_dict_default(
+                    child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group
+                )
+            )
             continue
         for i, layer in enumerate(child):
             local = f"{prefix}layers.{i}."
-            layer_sd = layer.sharded_state_dict(prefix=local, sharded_offsets=sharded_offsets,
-                                                metadata=metadata)
+            layer_sd = layer.sharded_state_dict(
+                prefix=local, sharded_offsets=sharded_offsets, metadata=metadata
+            )
             replace_prefix_for_sharding(layer_sd, local, f"{prefix}layers.{layer_offset + i}.")
             out.update(layer_sd)
     own = {n: p for n, p in module.named_parameters(recurse=False)}
     if own:
-        raise ValueError(f"{type(module).__name__} owns parameters {sorted(own)} "
-                                  "directly; give them a submodule")
+        raise ValueError(
+            f"{type(module).__name__} owns parameters {sorted(own)} directly; give them a submodule"
+        )
     return out

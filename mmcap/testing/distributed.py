@@ -136,11 +136,14 @@ class DistributedWorkers:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 self.close(force=True)
                 missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
-                seen = "\n".join(f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items()))
+                seen = "\n".join(
+                    f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())
+                )
                 raise TimeoutError(
                     f"{fn.__name__}: no result from ranks {missing} within {self.timeout:.0f} s "
                     f"(dead ranks: {dead}); often a collective left waiting by a rank that "
-                    f"failed:\n{seen}") from None
+                    f"failed:\n{seen}"
+                ) from None
             (out if ok else errors)[rank] = value
         if errors:
             msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))

@@ -40,8 +40,9 @@ def _save(preset, tp, pp, ckpt):
 
     full = _reference(preset)
     model = _build(preset, tp, pp)
-    load_full_state_dict(model, {n: full[model.global_name(n)]
-                                 for n, _ in model.named_parameters()})
+    load_full_state_dict(
+        model, {n: full[model.global_name(n)] for n, _ in model.named_parameters()}
+    )
     save_model_checkpoint(model, ckpt, get_preset(preset), {"layout": [tp, pp]})
     return True
 
@@ -53,9 +54,13 @@ def _load_and_compare(preset, tp, pp, ckpt):
     full = _reference(preset)
     model = _build(preset, tp, pp)
     load_model_checkpoint(model, ckpt)
-    mismatched = [n for n, p in model.named_parameters()
-                  if not torch.equal(gather_full(p)[: full[model.global_name(n)].shape[0]],
-                                     full[model.global_name(n)])]
+    mismatched = [
+        n
+        for n, p in model.named_parameters()
+        if not torch.equal(
+            gather_full(p)[: full[model.global_name(n)].shape[0]], full[model.global_name(n)]
+        )
+    ]
     cfg, meta = read_checkpoint_info(ckpt)
     return mismatched, cfg == get_preset(preset), meta
 
@@ -83,3 +88,46 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "x.partial").mkdir()
     with pytest.raises(FileNotFoundError, match=r"not an mmcap checkpoint.*interrupted save"):
         read_checkpoint_info(tmp_path / "x")
+
+
+@pytest.mark.parametrize("preset", ["debug-gemma", "debug-florence"])
+def test_export_is_layout_independent_and_matches_mmcap(
+    workers, tmp_path, preset, single_rank_parallel_state
+):
+    """Export of a TP=2 PP=2 checkpoint == export of a TP=1 PP=1 one (every tensor), and the
+    exported HF model's logits equal mmcap's for the debug presets of both families."""
+    from transformers import AutoModelForImageTextToText
+
+    import mmcap.hf  # noqa: F401
+    from mmcap.hf.convert_out import export_to_hf, load_full_checkpoint
+    from mmcap.model.captioner import CaptioningModel
+    from mmcap.parallel.tp import load_full_state_dict
+
+    for tp, pp in [(2, 2), (1, 1)]:
+        assert all(workers.run(_save, preset, tp, pp, str(tmp_path / f"ck{tp}{pp}")))
+        export_to_hf(tmp_path / f"ck{tp}{pp}", tmp_path / f"hf{tp}{pp}")
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "hf22" / "model.safetensors"))
+    b = load_file(str(tmp_path / "hf11" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    cfg, _, full = load_full_checkpoint(tmp_path / "ck22")
+    model = CaptioningModel(cfg, precision=FP32).eval()
+    load_full_state_dict(model, full)
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf22").eval()
+    g = torch.Generator().manual_seed(4)
+    n = cfg.vision.num_image_tokens
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    prompt = torch.randint(3, 900, (2, 6), generator=g)
+    dec = torch.randint(3, 900, (2, 9), generator=g)
+    with torch.no_grad():
+        ours = model(prompt, dec, pixel_values=pixels)[..., : cfg.decoder.vocab_size]
+        ids = torch.cat([torch.full((2, n), hf.config.image_token_id), prompt], 1)
+        ref = hf(
+            input_ids=ids,
+            pixel_values=pixels,
+            decoder_input_ids=dec,
+            attention_mask=torch.ones_like(ids),
+        ).logits
+    assert (ours - ref).abs().max().item() <= 1e-4

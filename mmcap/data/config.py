@@ -1,0 +1,197 @@
+"""Typed configuration of the data pipeline: preprocessing, sampling, batches, images.
+
+One dataclass per component (STYLE.md 3), validated in ``__post_init__`` with a
+:class:`mmcap.config.ConfigError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmcap.config import ConfigError
+from mmcap.data.prompts import ALL_KEYS, FINETUNING_KEYS, PRETRAINING_KEYS
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _positive_int(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            f"{type(obj).__name__}.{n}",
+            f"must be a positive integer, got {v!r}",
+        )
+
+
+@dataclass
+class PreprocessConfig:
+    """Limits and resources of ``tools/preprocess_data.py``.
+
+    Args:
+        max_prompt_tokens: entries whose prompt needs more BART tokens are skipped as
+            ``too_long`` (1024 = BART's position table; training crops to 128 anyway, and a
+            translation whose source would be cropped no longer matches its target).
+        max_target_tokens: same for Gemma target tokens (official truncation length 1024).
+        max_text_chars: texts longer than this are skipped before tokenizing (guards the
+            tokenizers against pathological records).
+        workers: processes; each input file is one unit of work.
+        verify_images: fully decode every JPEG (at 1/8 scale) to catch corrupt files; off,
+            only the JPEG signature and header are checked.
+    """
+
+    max_prompt_tokens: int = 1024
+    max_target_tokens: int = 1024
+    max_text_chars: int = 16384
+    workers: int = 1
+    verify_images: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "max_prompt_tokens", "max_target_tokens", "max_text_chars", "workers")
+
+
+BALANCING_PRESETS: dict[str, tuple[str, ...]] = {
+    "task-lang-balancing": PRETRAINING_KEYS,
+    "generalist-finetune": FINETUNING_KEYS,
+}
+
+
+@dataclass
+class SamplerConfig:
+    """Task-language balanced sampling, blending and data-parallel sharding.
+
+    Args:
+        balancing: preset name ("task-lang-balancing": 7 pretraining keys,
+            "generalist-finetune": 11 fine-tuning keys) or "custom" with ``target``.
+        target: custom key -> weight (normalised); None for a preset's uniform target.
+        dataset_weights: blend weight per dataset (None = equal); normalised.
+        global_batch_size: samples per optimizer step over all data-parallel ranks.
+        data_parallel_size / data_parallel_rank: this rank's contiguous slice of each batch.
+        seed: everything (epoch orders, tie-breaks) derives from it.
+    """
+
+    balancing: str = "task-lang-balancing"
+    target: dict[str, float] | None = None
+    dataset_weights: tuple[float, ...] | None = None
+    global_batch_size: int = 1024
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        name = "SamplerConfig"
+        if self.balancing == "custom":
+            _require(bool(self.target), f"{name}.target", "balancing='custom' needs a target dict")
+        else:
+            _require(
+                self.balancing in BALANCING_PRESETS,
+                f"{name}.balancing",
+                f"unknown preset {self.balancing!r}; use one of "
+                f"{sorted(BALANCING_PRESETS)} or 'custom' with a target",
+            )
+            _require(
+                self.target is None,
+                f"{name}.target",
+                "only used with balancing='custom'; set it to None",
+            )
+        for k, w in (self.target or {}).items():
+            _require(k in ALL_KEYS, f"{name}.target", f"unknown key {k!r}; keys are {ALL_KEYS}")
+            _require(w >= 0, f"{name}.target", f"weight of {k!r} must be >= 0, got {w}")
+        if self.target:
+            _require(sum(self.target.values()) > 0, f"{name}.target", "weights sum to 0")
+        if self.dataset_weights is not None:
+            _require(
+                all(w >= 0 for w in self.dataset_weights) and sum(self.dataset_weights) > 0,
+                f"{name}.dataset_weights",
+                "must be non-negative with a positive sum",
+            )
+        _positive_int(self, "global_batch_size", "data_parallel_size")
+        _require(
+            self.global_batch_size % self.data_parallel_size == 0,
+            f"{name}.global_batch_size",
+            f"{self.global_batch_size} is not divisible by data_parallel_size "
+            f"{self.data_parallel_size}",
+        )
+        _require(
+            0 <= self.data_parallel_rank < self.data_parallel_size,
+            f"{name}.data_parallel_rank",
+            f"must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}",
+        )
+
+    def target_weights(self) -> dict[str, float]:
+        """Normalised key -> share."""
+        raw = (
+            self.target
+            if self.balancing == "custom"
+            else {k: 1.0 for k in BALANCING_PRESETS[self.balancing]}
+        )
+        total = float(sum(raw.values()))
+        return {k: w / total for k, w in raw.items() if w > 0}
+
+
+@dataclass
+class BatchConfig:
+    """Padded encoder/decoder token batches.
+
+    Args:
+        max_prompt_tokens / max_target_tokens: crop lengths (SYSTEM.md: 128 / 128).
+        pad_to: "longest" (in the batch, rounded up to ``pad_multiple``) or "max" (fixed shapes).
+        pad_multiple: round padded lengths up to a multiple of this (8 for tensor cores; use a
+            multiple of TP with sequence parallel).
+        encoder_pad_id: BART ``<pad>`` (1). decoder_pad_id: Gemma ``<pad>`` (0).
+        decoder_start_id: first decoder input (1 = ``<eos>``, official decoder_start_token_id).
+        ignore_index: label of padded positions (-100, torch cross-entropy's default).
+    """
+
+    max_prompt_tokens: int = 128
+    max_target_tokens: int = 128
+    pad_to: str = "longest"
+    pad_multiple: int = 8
+    encoder_pad_id: int = 1
+    decoder_pad_id: int = 0
+    decoder_start_id: int = 1
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "max_prompt_tokens", "max_target_tokens", "pad_multiple")
+        _require(
+            self.pad_to in ("longest", "max"),
+            "BatchConfig.pad_to",
+            f"must be 'longest' or 'max', got {self.pad_to!r}",
+        )
+
+
+@dataclass
+class ImageConfig:
+    """Image decoding: back-end and output size.
+
+    Args:
+        size: square output side (224 pretraining, 768 fine-tuning).
+        backend: "pil" (CPU, DataLoader workers), "torchvision" (nvjpeg, batched on CUDA),
+            "dali" (NVIDIA DALI pipeline), or "auto" (dali > torchvision > pil, as installed
+            and with CUDA).
+        mean / std: ImageNet normalisation (SYSTEM.md).
+        device: CUDA device of the GPU back-ends.
+    """
+
+    size: int = 224
+    backend: str = "pil"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "size")
+        _require(
+            self.backend in ("pil", "torchvision", "dali", "auto"),
+            "ImageConfig.backend",
+            f"must be one of pil, torchvision, dali, auto; got {self.backend!r}",
+        )
+        _require(
+            len(self.mean) == 3 and len(self.std) == 3 and all(s > 0 for s in self.std),
+            "ImageConfig.std",
+            "mean and std need 3 values, std > 0",
+        )
