@@ -43,7 +43,9 @@ def main(argv=None) -> int:
 
     try:
         if args.official:
-            conv = convert_in.import_official(args.official, args.preset, args.image_size)
+            from mmcap.hf.convert_official import import_official
+
+            conv = import_official(args.official, args.preset, args.image_size)
             tok_dir = Path(args.official)
         elif args.gemma:
             conv = convert_in.convert_gemma_size(

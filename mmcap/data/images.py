@@ -17,6 +17,7 @@ by a few grey levels; ``tools/bench_data.py`` reports the maximum difference.
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 
@@ -50,7 +51,7 @@ def normalize_(x: torch.Tensor, mean, std) -> torch.Tensor:
     return x.sub_(m).div_(s)
 
 
-class ImageDecoder:
+class ImageDecoder(abc.ABC):
     """Decodes a list of JPEG byte strings into a normalised ``[B, 3, S, S]`` float tensor.
 
     Args:
@@ -62,8 +63,9 @@ class ImageDecoder:
     def __init__(self, cfg: ImageConfig):
         self.cfg = cfg
 
+    @abc.abstractmethod
     def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
-        raise NotImplementedError
+        """Normalised float images [n, 3, S, S] from JPEG bytes."""
 
 
 class PILDecoder(ImageDecoder):

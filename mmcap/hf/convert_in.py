@@ -10,8 +10,8 @@ CaptioningModel's global names):
 - :func:`convert_gemma_size`: Florence-2 vision + projector + BART encoder, a Gemma-2 decoder
   from a Gemma-2 checkpoint, and NEW gated cross-attention (N(0, 0.02), gate 0, post-norm =
   that layer's post-attention norm).
-- :func:`import_official`: a checkpoint of the paper's official implementation (remote-code
-  layout, all four sizes) with no remapping; every tensor must land, leftovers are an error.
+- :func:`mmcap.hf.convert_official.import_official`: a checkpoint of the paper's official
+  implementation (remote-code layout, all four sizes) with no remapping.
 """
 
 from __future__ import annotations
@@ -59,18 +59,6 @@ class Converted:
     model: ModelConfig
     tensors: dict[str, torch.Tensor]
     report: dict = field(default_factory=dict)
-
-
-class _Tracked(dict):
-    """A state dict that remembers which keys were read (to find tensors that land nowhere)."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.read: set[str] = set()
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
 
 
 def florence_layout(sd: dict) -> str:
@@ -294,74 +282,6 @@ def new_cross_attention(model: ModelConfig, seed: int) -> dict[str, torch.Tensor
         out[p + "linear_proj.weight"] = torch.randn(d.hidden_size, q, generator=g) * INIT_STD
         out[p + "gate"] = torch.zeros(1)
     return out
-
-
-def import_official(
-    official_dir: str | os.PathLike, preset: str | None = None, image_size: int = 768
-) -> Converted:
-    """A checkpoint of the official implementation, any of the four sizes, no remapping."""
-    from transformers import Gemma2Config
-
-    cfg = read_config(official_dir)
-    sd = _Tracked(read_state_dict(official_dir))
-    if florence_layout(sd) != "official":
-        raise CheckpointError(f"{official_dir}: not in the official (remote-code) layout")
-    vision, text, gemma_cfg, raw_text = _official_parts(cfg)
-    arch = model_config_from_hf(
-        SimpleNamespace(vision_config=vision, text_config=text), image_size=image_size
-    )
-    enc_rows = sd["language_model.model.encoder.embed_tokens.weight"].shape[0]
-    encoder = dataclasses.replace(arch.encoder, padded_vocab_size=enc_rows)
-    if gemma_cfg:
-        gemma_cfg = dict(gemma_cfg)
-        enc_width = gemma_cfg.pop("encoder_hidden_size", encoder.hidden_size)
-        every = gemma_cfg.pop("encoder_attn_every_x_layers", 1)
-        if every != 1:
-            raise CheckpointError(
-                f"encoder_attn_every_x_layers={every}: mmcap inserts "
-                "cross-attention in every layer (SYSTEM.md)"
-            )
-        decoder = decoder_config_from_hf(Gemma2Config(**gemma_cfg), encoder_hidden_size=enc_width)
-    else:
-        rows = sd["language_model.model.decoder.embed_tokens.weight"].shape[0]
-        decoder = dataclasses.replace(
-            arch.decoder, vocab_size=rows, make_vocab_size_divisible_by=128
-        )
-    model = ModelConfig("official", arch.vision, encoder, decoder)
-    if preset:
-        pre = get_preset(preset)
-        _check_preset(pre, model, ("vision", "encoder", "decoder"))
-        model = dataclasses.replace(
-            pre, vision=dataclasses.replace(pre.vision, image_size=image_size)
-        )
-    out = {f"vision.{k}": v for k, v in vision_from_hf(sd, "official").items()}
-    if gemma_cfg:
-        out.update(bart_from_hf(sd, model, "official", with_decoder=False))
-        dec = gemma2_from_hf(
-            sd,
-            model.decoder,
-            model.decoder.padded_vocab_size(1),
-            prefix=OFFICIAL_DECODER_PREFIX,
-            with_xattn=True,
-        )
-        out.update({f"decoder.{k}": v for k, v in dec.items()})
-    else:
-        out.update(bart_from_hf(sd, model, "official"))
-    head = sd.get("language_model.lm_head.weight")
-    emb = sd[OFFICIAL_DECODER_PREFIX + "embed_tokens.weight"]
-    if head is not None and not torch.equal(head, emb):
-        raise CheckpointError(
-            "language_model.lm_head.weight differs from the decoder embedding; "
-            "mmcap ties them (SYSTEM.md)"
-        )
-    sd.read.add("language_model.lm_head.weight")
-    landed = sd.read | {k for k in sd if k.startswith(VISION_NAMESPACES["official"])}
-    left = sorted(set(sd) - landed)
-    if left:
-        raise CheckpointError(
-            f"{len(left)} tensors of {official_dir} land nowhere in mmcap: {left[:10]}"
-        )
-    return Converted(model, out, {"layout": "official", "raw_text_config": raw_text})
 
 
 def write_checkpoint(
