@@ -3,9 +3,12 @@
 Megatron-core style stage flags (as its T5 / LLaVA models): ``add_encoder`` builds the frozen
 vision tower and the BART encoder (the first pipeline stage), ``pre_process`` /
 ``post_process`` the decoder's embedding / head. The encoder output travels with the decoder
-activations to every later stage: a non-first stage takes ``[decoder_hidden, encoder_out]``
-through :meth:`set_input_tensor` and a non-last stage returns the same pair, so each stage's
-cross-attention reads it and its gradient flows back to the encoder through the pipeline.
+activations to every later stage, PACKED into the one tensor megatron-core's schedules send
+between stages (:func:`pack_stage_output`): ``[s_dec(/tp) + k, b, h_dec]``, the last ``k`` rows
+holding the encoder output [s_enc, b, h_enc] reshaped to the decoder width. One tensor means
+megatron-core's backward (which only back-propagates a stage's FIRST output) carries the
+encoder-output gradient of every later stage back to the encoder, and the interleaved schedule
+(which sends exactly one tensor) works unchanged.
 
 Freezing (SYSTEM.md "What trains", :class:`mmcap.config.TrainableConfig`): frozen parameters
 have ``requires_grad=False`` (so optimizers skip them); the vision tower also stays in eval
@@ -32,6 +35,31 @@ from mmcap.model.vision import VisionTower
 # Decoder parameters that train under the "cross_attention" policy (Gemma sizes): the gated
 # cross-attention blocks (projections, gate, post-norm) and the tied embedding / LM head.
 _XATTN_TRAINABLE = (".cross_attention.", "embedding.word_embeddings.", "output_layer.")
+
+
+def packed_rows(s_enc: int, encoder_hidden: int, decoder_hidden: int) -> int:
+    """Rows of decoder width that hold an [s_enc, b, encoder_hidden] encoder output."""
+    return -(-s_enc * encoder_hidden // decoder_hidden)
+
+
+def pack_stage_output(hidden: torch.Tensor, encoder_out: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] + [s_enc, b, w] -> [s + k, b, h] (differentiable; zero padding at the end)."""
+    s_enc, b, w = encoder_out.shape
+    h = hidden.shape[-1]
+    k = packed_rows(s_enc, w, h)
+    flat = encoder_out.transpose(0, 1).reshape(b, s_enc * w).to(hidden.dtype)
+    flat = torch.nn.functional.pad(flat, (0, k * h - s_enc * w))
+    return torch.cat([hidden, flat.view(b, k, h).transpose(0, 1)], dim=0)
+
+
+def unpack_stage_input(packed: torch.Tensor, s_enc: int, encoder_hidden: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_stage_output`: (hidden [s, b, h], encoder_out [s_enc, b, w])."""
+    k = packed_rows(s_enc, encoder_hidden, packed.shape[-1])
+    hidden, rows = packed[:-k], packed[-k:]
+    b = packed.shape[1]
+    flat = rows.transpose(0, 1).reshape(b, -1)[:, : s_enc * encoder_hidden]
+    return hidden, flat.view(b, s_enc, encoder_hidden).transpose(0, 1)
 
 
 class CaptioningModel(MegatronModule):
@@ -64,7 +92,7 @@ class CaptioningModel(MegatronModule):
             pre_process,
             post_process,
         )
-        self.input_tensor: list[torch.Tensor] | None = None
+        self.input_tensor: torch.Tensor | None = None
         if add_encoder:
             self.vision = VisionTower(model.vision)
             self.encoder = BartEncoder(
@@ -95,6 +123,15 @@ class CaptioningModel(MegatronModule):
             for name, p in self.decoder.named_parameters():
                 p.requires_grad_(any(k in f".{name}" for k in _XATTN_TRAINABLE))
 
+    # megatron-core's finalize_model_grads all-reduces the tied embedding / LM-head gradient
+    # between first and last pipeline stage through these two decoder attributes.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.decoder.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.decoder.shared_embedding_or_output_weight()
+
     def global_name(self, name: str) -> str:
         """TP/PP-independent name of local parameter ``name``: decoder layers get their global
         index; the last stage's tied LM head is the decoder embedding."""
@@ -109,11 +146,10 @@ class CaptioningModel(MegatronModule):
         return name
 
     def set_input_tensor(self, input_tensor) -> None:
-        """From the pipeline schedule: ``[decoder_hidden, encoder_out]`` (non-first stages)."""
-        if not isinstance(input_tensor, (list, tuple)):
-            input_tensor = [input_tensor]
-        self.input_tensor = list(input_tensor)
-        self.decoder.set_input_tensor(self.input_tensor[0])
+        """From the pipeline schedule: the previous stage's packed output (non-first stages)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     def encode(
         self,
@@ -149,24 +185,25 @@ class CaptioningModel(MegatronModule):
                 precomputed by the frozen tower (feature cache). Neither = text only.
             labels: [b, s] targets (IGNORE_INDEX = no loss), last stage.
             encoder_mask: bool [b, S] (non-first stages: the first stage's encoder mask, which
-                the data pipeline can rebuild from the prompt mask and image token count).
+                the data pipeline rebuilds from the prompt mask and image token count; its
+                length S also sizes the packed encoder output).
 
         Returns:
             Last stage: per-token loss [b, s] with labels, else logits [b, s, V_pad / tp].
-            Other stages: ``[decoder_hidden, encoder_out]`` for the next stage.
+            Other stages: the packed ``[decoder_hidden ; encoder_out]`` for the next stage.
         """
         if self.add_encoder:
             encoder_out, encoder_mask = self.encode(
                 prompt_ids, prompt_mask, pixel_values, image_tokens
             )
         else:
-            if self.input_tensor is None or len(self.input_tensor) < 2:
-                raise ValueError(
-                    "a stage without the encoder needs set_input_tensor("
-                    "[decoder_hidden, encoder_out]) from the previous stage"
-                )
-            encoder_out = self.input_tensor[1]
+            if self.input_tensor is None or encoder_mask is None:
+                raise ValueError("a stage without the encoder needs set_input_tensor(previous "
+                                 "stage output) and encoder_mask")
+            hidden, encoder_out = unpack_stage_input(
+                self.input_tensor, encoder_mask.shape[1], self.model_config.encoder.hidden_size)
+            self.decoder.set_input_tensor(hidden)
         out = self.decoder(decoder_input_ids, encoder_out, encoder_mask, labels=labels)
         if self.post_process:
             return out
-        return [out, encoder_out]
+        return pack_stage_output(out, encoder_out)

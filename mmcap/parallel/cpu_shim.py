@@ -129,14 +129,18 @@ def apply_cpu_shim() -> bool:
 
     # Tensor.type() is compared against "torch.cuda.FloatTensor" / HalfTensor / BFloat16Tensor
     # in optimizer/distrib_optimizer.py and optimizer/clip_grads.py.
-    _orig_type = torch.Tensor.type
+    # Keep the true original even if another copy of this module patched it already.
+    _orig_type = getattr(torch.Tensor.type, "_mmcap_original", torch.Tensor.type)
 
     def _cuda_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is not None:
             return _orig_type(self, dtype, non_blocking, **kwargs)
         name = _orig_type(self)
-        return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") else name
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
 
+    _cuda_type._mmcap_original = _orig_type
     torch.Tensor.type = _cuda_type  # type: ignore[assignment]
 
     _APPLIED = True

@@ -113,15 +113,21 @@ def test_stage_chaining_equals_whole_model(single_rank_parallel_state, preset):
     labels[1, 0] = IGNORE_INDEX
     ref = whole(prompt, dec, pixel_values=pixels, labels=labels)
 
-    hidden, enc = first(prompt, dec, pixel_values=pixels)
+    packed = first(prompt, dec, pixel_values=pixels)
     _, enc_mask = first.encode(prompt, None, pixels)
-    hidden_in = hidden.detach().requires_grad_(True)
-    enc_in = enc.detach().requires_grad_(True)
-    last.set_input_tensor([hidden_in, enc_in])
+    enc = first.encode(prompt, None, pixels)[0]
+    assert packed.shape[0] > dec.shape[1]  # decoder rows + packed encoder rows
+    packed_in = packed.detach().requires_grad_(True)
+    last.set_input_tensor([packed_in])
     out = last(None, dec, labels=labels, encoder_mask=enc_mask)
     assert torch.allclose(out, ref, atol=1e-6, rtol=0)
     out.sum().backward()
-    assert enc_in.grad is not None and enc_in.grad.abs().sum() > 0
+    from mmcap.model.captioner import packed_rows, unpack_stage_input
+
+    k = packed_rows(enc.shape[0], enc.shape[2], cfg.decoder.hidden_size)
+    enc_grad = packed_in.grad[-k:]
+    assert enc_grad.abs().sum() > 0  # the later stage's cross-attention sends gradient back
+    h, e = unpack_stage_input(packed.detach(), enc.shape[0], enc.shape[2])
+    assert torch.equal(e, enc.detach()) and h.shape[0] == dec.shape[1]
     with pytest.raises(ValueError, match="set_input_tensor"):
-        last.set_input_tensor([hidden_in])
         last(None, dec)

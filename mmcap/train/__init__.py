@@ -1,0 +1,1 @@
+"""Training: megatron-core forward/backward schedules, DDP and optimizer (groundwork)."""
