@@ -49,17 +49,23 @@ class MicroBatch:
         return torch.cat([img, self.prompt_mask.bool()], dim=1)
 
 
-def wrap_model(chunks: list[torch.nn.Module], grad_reduce_in_fp32: bool = True,
-               use_distributed_optimizer: bool = True) -> list[DistributedDataParallel]:
+def wrap_model(
+    chunks: list[torch.nn.Module],
+    grad_reduce_in_fp32: bool = True,
+    use_distributed_optimizer: bool = True,
+) -> list[DistributedDataParallel]:
     for m in chunks:
         # Must be set before DDP is built: DDP then skips its 1/DP gradient scaling, and the
         # schedule divides by the global token count instead.
         m.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer)
-    return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m)
-            for m in chunks]
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in chunks
+    ]
 
 
 def build_optimizer(ddp_chunks, optimizer_config: OptimizerConfig):
@@ -69,8 +75,9 @@ def build_optimizer(ddp_chunks, optimizer_config: OptimizerConfig):
     cfg = ddp_chunks[0].config
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.grad_scale_func = opt.scale_loss
-    cfg.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 \
-        else ddp_chunks[0].no_sync
+    cfg.no_sync_func = (
+        [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
+    )
     return opt
 
 
@@ -84,14 +91,21 @@ def _loss_func(labels: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
     mb = next(data_iterator)
-    out = model(mb.prompt_ids, mb.decoder_input_ids, mb.prompt_mask,
-                pixel_values=mb.pixel_values, image_tokens=mb.image_tokens, labels=mb.labels,
-                encoder_mask=mb.encoder_mask)
+    out = model(
+        mb.prompt_ids,
+        mb.decoder_input_ids,
+        mb.prompt_mask,
+        pixel_values=mb.pixel_values,
+        image_tokens=mb.image_tokens,
+        labels=mb.labels,
+        encoder_mask=mb.encoder_mask,
+    )
     return out, partial(_loss_func, mb.labels)
 
 
-def train_step(ddp_chunks, optimizer, microbatches: list[MicroBatch], *,
-               encoder_hidden: int) -> dict:
+def train_step(
+    ddp_chunks, optimizer, microbatches: list[MicroBatch], *, encoder_hidden: int
+) -> dict:
     """Forward + backward over ``microbatches`` (this DP rank's share) and one optimizer step.
 
     Returns:
@@ -111,10 +125,19 @@ def train_step(ddp_chunks, optimizer, microbatches: list[MicroBatch], *,
     seq_length = s + k * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
     forward_backward = get_forward_backward_func()
     with cuda_factories_on_cpu():
+        # The interleaved schedule runs each model chunk on its own pass over the micro-batches.
+        data = (
+            [iter(microbatches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(microbatches)
+        )
         losses = forward_backward(
-            forward_step_func=_forward_step, data_iterator=iter(microbatches),
-            model=ddp_chunks, num_microbatches=len(microbatches), seq_length=seq_length,
-            micro_batch_size=b, forward_only=False)
+            forward_step_func=_forward_step,
+            data_iterator=data,
+            model=ddp_chunks,
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=b,
+            forward_only=False,
+        )
         ok, grad_norm, _ = optimizer.step()
     loss = float("nan")
     if parallel_state.is_pipeline_last_stage():

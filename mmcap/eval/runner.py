@@ -1,0 +1,105 @@
+"""Checkpoint + dataset -> per-sample CE JSON: what ``tools/eval_loss.py`` runs.
+
+Works in one process (a world of one) and under torchrun with any TP x PP (DP = the rest of
+the world): megatron-core's distributed checkpoint loads into any layout, the samples are
+split over the DP replicas, and global rank 0 writes the JSON after every rank has the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmcap.config import ModelConfig, ParallelConfig, PrecisionConfig
+from mmcap.data.config import BatchConfig
+from mmcap.data.indexed import CaptionDataset
+from mmcap.eval.loss import evaluate_loss
+from mmcap.eval.results import EvalResult, write_results
+
+log = logging.getLogger(__name__)
+
+
+def build_eval_model(
+    ckpt_dir: str | os.PathLike,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig | None = None,
+    image_size: int | None = None,
+) -> tuple[list[torch.nn.Module], ModelConfig]:
+    """This rank's model chunk(s) of a checkpoint, loaded, on the GPU when there is one.
+
+    megatron-core's groups must already be initialised for ``parallel``.
+
+    Args:
+        image_size: evaluate at this resolution instead of the checkpoint's (e.g. 768 for a
+            model pretrained at 224; the vision config is validated for it).
+    """
+    from mmcap.checkpoint import load_model_checkpoint, read_checkpoint_info
+    from mmcap.model.build import build_model
+
+    model_cfg, _ = read_checkpoint_info(ckpt_dir)
+    if image_size is not None and image_size != model_cfg.vision.image_size:
+        model_cfg = dataclasses.replace(
+            model_cfg, vision=dataclasses.replace(model_cfg.vision, image_size=image_size)
+        )
+    precision = precision or PrecisionConfig("fp32")
+    vpp = parallel.virtual_pipeline_parallel
+    stages = [v for v in range(vpp)] if vpp and vpp > 1 else [None]
+    chunks = [build_model(model_cfg, parallel, precision, vp_stage=v) for v in stages]
+    if torch.cuda.is_available():
+        chunks = [c.cuda() for c in chunks]
+    for c in chunks:  # collective: every rank loads every one of its chunks in the same order
+        load_model_checkpoint(c, ckpt_dir)
+    return chunks, model_cfg
+
+
+def run_eval_loss(
+    ckpt_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    parallel: ParallelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+    micro_batch_size: int = 8,
+    image_size: int | None = None,
+    batch_cfg: BatchConfig | None = None,
+) -> EvalResult:
+    """Initialise the layout, load the checkpoint, evaluate every entry of ``data_dir`` and
+    (global rank 0) write ``out``; returns the result on every rank."""
+    from mmcap.parallel import initialize_model_parallel
+
+    parallel = parallel or ParallelConfig()
+    precision = precision or PrecisionConfig("fp32")
+    dataset = CaptionDataset(data_dir)  # fail on a bad dataset before building the model
+    initialize_model_parallel(parallel, seed=1234)
+    chunks, model_cfg = build_eval_model(ckpt_dir, parallel, precision, image_size)
+    result = evaluate_loss(chunks, dataset, micro_batch_size=micro_batch_size,
+                           batch_cfg=batch_cfg)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if out is not None and rank0:
+        from megatron.core import parallel_state
+
+        meta = {
+            "ckpt": str(Path(ckpt_dir).resolve()),
+            "data": str(Path(data_dir).resolve()),
+            "preset": model_cfg.name,
+            "image_size": model_cfg.vision.image_size,
+            "precision": precision.params_dtype,
+            "layout": {
+                "tp": parallel.tensor_parallel,
+                "pp": parallel.pipeline_parallel,
+                "dp": parallel_state.get_data_parallel_world_size(),
+            },
+            "micro_batch_size": micro_batch_size,
+            "max_prompt_tokens": (batch_cfg or BatchConfig()).max_prompt_tokens,
+            "max_target_tokens": (batch_cfg or BatchConfig()).max_target_tokens,
+        }
+        write_results(result, out, meta)
+        log.info("wrote %s (%d samples)", out, len(result.samples))
+    if dist.is_initialized():
+        dist.barrier()  # the file exists when any rank returns
+    return result
