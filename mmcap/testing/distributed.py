@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -129,20 +130,24 @@ class DistributedWorkers:
             q.put((fn, args, kwargs))
         out: dict[int, Any] = {}
         errors: dict[int, str] = {}
+        deadline = time.monotonic() + self.timeout
         while len(out) + len(errors) < self.world_size:
             try:
-                rank, ok, value = self._results.get(timeout=self.timeout)
+                # Short polls: a rank that died (crash, os._exit) is reported at once.
+                rank, ok, value = self._results.get(timeout=1.0)
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                if not dead and time.monotonic() < deadline:
+                    continue
                 self.close(force=True)
                 missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
                 seen = "\n".join(
                     f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())
                 )
+                what = f"ranks {dead} died" if dead else f"no result within {self.timeout:.0f} s"
                 raise TimeoutError(
-                    f"{fn.__name__}: no result from ranks {missing} within {self.timeout:.0f} s "
-                    f"(dead ranks: {dead}); often a collective left waiting by a rank that "
-                    f"failed:\n{seen}"
+                    f"{fn.__name__}: {what}; missing results from ranks {missing} (a collective "
+                    f"left waiting by a rank that failed is the usual cause):\n{seen}"
                 ) from None
             (out if ok else errors)[rank] = value
         if errors:
