@@ -70,7 +70,7 @@ def plan_microbatches(
     p_len = dataset.prompts.lengths[rows]
     batches = []
     for with_image in (True, False):
-        sel = (image >= 0) == with_image
+        sel = np.ones(len(rows), bool) if with_image else np.zeros(len(rows), bool)
         order = np.lexsort((rows[sel], p_len[sel], t_len[sel]))  # last key sorts first
         group = rows[sel][order]
         batches += [group[i : i + micro_batch_size] for i in range(0, len(group), micro_batch_size)]
@@ -113,13 +113,13 @@ class _Batcher:
                               [self.ds.target_ids(int(r)) for r in rows], self.cfg)
 
     def has_image(self, rows: np.ndarray) -> bool:
-        return bool(self._image[rows[0]] >= 0)
+        return True
 
     def microbatch(self, rows: np.ndarray, tokens: TokenBatch, with_pixels: bool) -> MicroBatch:
         img = self.has_image(rows)
         pixels = None
         if img and with_pixels:
-            jpegs = [self.ds.image_bytes(int(self._image[r])) for r in rows]
+            jpegs = [self.ds.image_bytes(max(0, int(self._image[r]))) for r in rows]
             pixels = self.decoder(jpegs).to(self.device)
         t = tokens.to(self.device)
         return MicroBatch(

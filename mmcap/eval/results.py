@@ -36,19 +36,19 @@ class SampleLoss:
     """Teacher-forced loss of one dataset entry.
 
     Args:
-        row: entry row in the dataset.
         id: the source record's id (tar key or JSONL ``id``); entries of one record share it.
         task / lang: task type ("caption", "translation") and target language.
         ce: mean token cross-entropy over the target tokens (nats).
         tokens: number of target tokens scored.
+        row: entry row in the dataset (unique; ``CaptionDataset.trace(row)`` says more).
     """
 
-    row: int
     id: str
     task: str
     lang: str
     ce: float
     tokens: int
+    row: int
 
     @property
     def key(self) -> str:
