@@ -70,7 +70,7 @@ def plan_microbatches(
     p_len = dataset.prompts.lengths[rows]
     batches = []
     for with_image in (True, False):
-        sel = np.ones(len(rows), bool) if with_image else np.zeros(len(rows), bool)
+        sel = (image >= 0) == with_image
         order = np.lexsort((rows[sel], p_len[sel], t_len[sel]))  # last key sorts first
         group = rows[sel][order]
         batches += [group[i : i + micro_batch_size] for i in range(0, len(group), micro_batch_size)]
@@ -101,27 +101,36 @@ def _forward_step(data_iterator, model):
 class _Batcher:
     """Entry rows -> :class:`MicroBatch` on ``device`` (pixels only where ``with_pixels``)."""
 
-    def __init__(self, dataset: CaptionDataset, batch_cfg: BatchConfig, image_size: int,
-                 num_image_tokens: int, device: torch.device):
+    def __init__(
+        self,
+        dataset: CaptionDataset,
+        batch_cfg: BatchConfig,
+        image_size: int,
+        num_image_tokens: int,
+        device: torch.device,
+    ):
         self.ds, self.cfg, self.device = dataset, batch_cfg, device
         self.decoder = PILDecoder(ImageConfig(size=image_size, backend="pil"))
         self.num_image_tokens = num_image_tokens
         self._image = np.asarray(dataset.entries["image"])
 
     def tokens(self, rows: np.ndarray) -> TokenBatch:
-        return collate_tokens([self.ds.prompt_ids(int(r)) for r in rows],
-                              [self.ds.target_ids(int(r)) for r in rows], self.cfg)
+        return collate_tokens(
+            [self.ds.prompt_ids(int(r)) for r in rows],
+            [self.ds.target_ids(int(r)) for r in rows],
+            self.cfg,
+        )
 
     def has_image(self, rows: np.ndarray) -> bool:
-        return True
+        return bool(self._image[rows[0]] >= 0)
 
-    def microbatch(self, rows: np.ndarray, tokens: TokenBatch, with_pixels: bool) -> MicroBatch:
+    def microbatch(self, rows: np.ndarray, with_pixels: bool) -> MicroBatch:
         img = self.has_image(rows)
         pixels = None
         if img and with_pixels:
-            jpegs = [self.ds.image_bytes(max(0, int(self._image[r]))) for r in rows]
+            jpegs = [self.ds.image_bytes(int(self._image[r])) for r in rows]
             pixels = self.decoder(jpegs).to(self.device)
-        t = tokens.to(self.device)
+        t = self.tokens(rows).to(self.device)
         return MicroBatch(
             prompt_ids=t.encoder_input_ids,
             prompt_mask=t.encoder_attention_mask,
@@ -133,8 +142,9 @@ class _Batcher:
 
 
 def _stream(batcher: _Batcher, run: list, with_pixels: bool):
-    for rows, tokens, _ in run:
-        yield batcher.microbatch(rows, tokens, with_pixels)
+    """Micro-batches of one schedule call, built as the schedule asks for them."""
+    for rows, _ in run:
+        yield batcher.microbatch(rows, with_pixels)
 
 
 def _set_eval(chunks: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, bool]]:
@@ -182,20 +192,25 @@ def evaluate_loss(
     batch_cfg = batch_cfg or BatchConfig()
     tp = config.tensor_model_parallel_size
     if config.sequence_parallel and batch_cfg.pad_multiple % tp:
-        batch_cfg = dataclasses.replace(batch_cfg,
-                                        pad_multiple=math.lcm(batch_cfg.pad_multiple, tp))
+        batch_cfg = dataclasses.replace(
+            batch_cfg, pad_multiple=math.lcm(batch_cfg.pad_multiple, tp)
+        )
     device = next(chunks[0].parameters()).device
-    batcher = _Batcher(dataset, batch_cfg, model_cfg.vision.image_size,
-                       model_cfg.vision.num_image_tokens, device)
-    plan = plan_microbatches(dataset, micro_batch_size, rows,
-                             parallel_state.get_data_parallel_rank(),
-                             parallel_state.get_data_parallel_world_size())
-    runs: dict[tuple, list] = {}  # equal shapes -> one schedule call
+    batcher = _Batcher(
+        dataset, batch_cfg, model_cfg.vision.image_size, model_cfg.vision.num_image_tokens, device
+    )
+    plan = plan_microbatches(
+        dataset,
+        micro_batch_size,
+        rows,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    runs: dict[tuple, list] = {}  # equal shapes -> one schedule call; (rows, keep results)
     for r in plan:
-        tok = batcher.tokens(r)
-        key = (len(r), tok.encoder_input_ids.shape[1], tok.labels.shape[1],
-               batcher.has_image(r))
-        runs.setdefault(key, []).append((r, tok, True))
+        tok = batcher.tokens(r)  # collated again when the schedule runs: only rows are kept
+        key = (len(r), tok.encoder_input_ids.shape[1], tok.labels.shape[1], batcher.has_image(r))
+        runs.setdefault(key, []).append((r, True))
     has_encoder = [bool(get_attr_wrapped_model(c, "add_encoder")) for c in chunks]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     sums: dict[int, tuple[float, int]] = {}
@@ -203,7 +218,7 @@ def evaluate_loss(
     try:
         for (b, s_p, s, img), run in sorted(runs.items(), key=lambda kv: kv[0]):
             if len(chunks) > 1 and len(run) % pp:  # interleaved: whole micro-batch groups
-                run = run + [(*run[-1][:2], False)] * (pp - len(run) % pp)
+                run = run + [(run[-1][0], False)] * (pp - len(run) % pp)
             s_enc = s_p + (model_cfg.vision.num_image_tokens if img else 0)
             k = packed_rows(s_enc, model_cfg.encoder.hidden_size, config.hidden_size)
             seq_length = s + k * (tp if config.sequence_parallel else 1)
@@ -213,22 +228,36 @@ def evaluate_loss(
                     forward_step_func=_forward_step,
                     data_iterator=streams if len(chunks) > 1 else streams[0],
                     model=chunks if len(chunks) > 1 else chunks[0],
-                    num_microbatches=len(run), seq_length=seq_length, micro_batch_size=b,
-                    forward_only=True)
-            for (r, _, keep), out in zip(run, losses or []):
+                    num_microbatches=len(run),
+                    seq_length=seq_length,
+                    micro_batch_size=b,
+                    forward_only=True,
+                )
+            for (r, keep), out in zip(run, losses or []):
                 if keep:
-                    for row, ce, n in zip(r.tolist(), out["ce_sum"].tolist(),
-                                          out["tokens"].tolist()):
+                    for row, ce, n in zip(
+                        r.tolist(), out["ce_sum"].tolist(), out["tokens"].tolist()
+                    ):
                         sums[row] = (ce, n)
     finally:
         for m, training in modes:
             m.training = training
     local = []
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-            parallel_state.get_tensor_model_parallel_rank() == 0:
+    if (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    ):
         key_col = np.asarray(dataset.entries["key"])
         for row, (ce, n) in sums.items():
             task, lang = ALL_KEYS[int(key_col[row])].split("-")
-            local.append(SampleLoss(row=row, id=dataset.record_id(row), task=task, lang=lang,
-                                    ce=ce / n if n else float("nan"), tokens=n))
+            local.append(
+                SampleLoss(
+                    row=row,
+                    id=dataset.record_id(row),
+                    task=task,
+                    lang=lang,
+                    ce=ce / n if n else float("nan"),
+                    tokens=n,
+                )
+            )
     return EvalResult(_gather(local))

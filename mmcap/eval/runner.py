@@ -48,7 +48,7 @@ def build_eval_model(
         )
     precision = precision or PrecisionConfig("fp32")
     vpp = parallel.virtual_pipeline_parallel
-    stages = [v for v in range(vpp)] if vpp and vpp > 1 else [None]
+    stages = list(range(vpp)) if vpp and vpp > 1 else [None]
     chunks = [build_model(model_cfg, parallel, precision, vp_stage=v) for v in stages]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
@@ -95,8 +95,7 @@ def run_eval_loss(
     dataset = CaptionDataset(data_dir)  # fail on a bad dataset before building the model
     initialize_model_parallel(parallel, seed=1234)
     chunks, model_cfg = build_eval_model(ckpt_dir, parallel, precision, image_size)
-    result = evaluate_loss(chunks, dataset, micro_batch_size=micro_batch_size,
-                           batch_cfg=batch_cfg)
+    result = evaluate_loss(chunks, dataset, micro_batch_size=micro_batch_size, batch_cfg=batch_cfg)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if out is not None and rank0:
         from megatron.core import parallel_state
