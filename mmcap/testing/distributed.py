@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -81,8 +82,8 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, threads: int)
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
-    except Exception:
-        pass
+    except Exception as e:  # shutting down anyway: report, do not mask the exit
+        print(f"rank {rank}: destroy_model_parallel failed at shutdown: {e}", file=sys.stderr)
     dist.destroy_process_group()
 
 
