@@ -12,13 +12,20 @@ all-gathers them, the row-parallel output reduce-scatters). The encoder output r
 cross-attention is held in full by every TP rank, so ``linear_kv`` neither all-gathers it nor
 all-reduces its gradient: the owner of the encoder output does that reduction once for all
 layers (``copy_to_tensor_model_parallel_region``).
+
+Activation recompute (megatron-core's ``recompute_granularity`` in the layer's config, set by
+``build_*_transformer_config(recompute=...)``) goes through megatron-core's
+``tensor_parallel.checkpoint``, which saves the CPU, CUDA and RNG-tracker states at forward
+and restores them for the recompute, so dropout draws the same masks twice: "selective"
+recomputes the core attention (the back-end call) here, "full" a whole layer
+(:func:`recompute_layer`, called by the Gemma-2 and BART layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -27,8 +34,37 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from mmcap.model.rope import apply_rotary
+from mmcap.model.transformer_config import with_sequence_parallel
 from mmcap.ops.attention import attention
 from mmcap.parallel.rng import tp_region_rng
+
+
+def _recomputing(module: MegatronModule, granularity: str) -> bool:
+    """Recompute only what a backward will need: in training, with grad enabled."""
+    return (
+        module.config.recompute_granularity == granularity
+        and module.training
+        and torch.is_grad_enabled()
+    )
+
+
+def recompute_layer(layer: MegatronModule, forward: Callable, hidden: torch.Tensor, *args):
+    """``forward(hidden, *args)``, recomputed in backward under ``recompute_granularity="full"``
+    (Megatron-LM's uniform method with one layer per unit) when ``layer`` trains with grad
+    enabled; a plain call otherwise. ``args`` are tensors or None (checkpoint saves them).
+    """
+    if not _recomputing(layer, "full"):
+        return forward(hidden, *args)
+    tensors = [t for t in (hidden, *args) if isinstance(t, torch.Tensor)]
+    if not any(t.requires_grad for t in tensors):
+        if not any(p.requires_grad for p in layer.parameters()):
+            return forward(hidden, *args)  # frozen layer on frozen inputs: no backward
+        # A reentrant checkpoint's output needs grad only if an input does (as Megatron-LM's
+        # TransformerBlock makes its input require grad).
+        hidden = hidden.detach().requires_grad_()
+    return tensor_parallel.checkpoint(
+        forward, layer.config.distribute_saved_activations, hidden, *args
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +96,7 @@ class AttentionSpec:
     init_method: Callable | None = None
     output_init_method: Callable | None = None
 
-    def replace(self, **changes) -> "AttentionSpec":
+    def replace(self, **changes) -> AttentionSpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -91,18 +127,28 @@ class _AttentionBase(MegatronModule):
         """q [s, b, heads_local, d], k/v [s_kv, b, groups_local, d] -> projected [s, b, h]."""
         s, b = q.shape[:2]
         dropout = self.spec.dropout_p if self.training else 0.0
-        with tp_region_rng(dropout > 0):
-            out = attention(
-                q.transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                softmax_scale=self.spec.softmax_scale,
-                causal=causal,
-                softcap=self.spec.softcap,
-                window=window,
-                kv_padding_mask=kv_padding_mask,
-                dropout_p=dropout,
-            )
+
+        def core_attention(q, k, v, kv_padding_mask):  # bshd in and out
+            with tp_region_rng(dropout > 0):
+                return attention(
+                    q.transpose(0, 1),
+                    k.transpose(0, 1),
+                    v.transpose(0, 1),
+                    softmax_scale=self.spec.softmax_scale,
+                    causal=causal,
+                    softcap=self.spec.softcap,
+                    window=window,
+                    kv_padding_mask=kv_padding_mask,
+                    dropout_p=dropout,
+                )
+
+        if _recomputing(self, "selective") and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+        ):
+            # Megatron-LM's "core_attn": keep q/k/v, drop the [b, heads, s, s_kv] probabilities.
+            out = tensor_parallel.checkpoint(core_attention, False, q, k, v, kv_padding_mask)
+        else:
+            out = core_attention(q, k, v, kv_padding_mask)
         out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.spec.head_dim)
         out, _ = self.linear_proj(out)
         return out
@@ -160,8 +206,7 @@ class CrossAttention(_AttentionBase):
         super().__init__(config, spec)
         if spec.kv_input_size is None:
             raise ValueError("CrossAttention needs AttentionSpec.kv_input_size (encoder width)")
-        no_sp = dataclasses.replace(config)
-        no_sp.sequence_parallel = False
+        no_sp = with_sequence_parallel(config, False)
         self.linear_q = tensor_parallel.ColumnParallelLinear(
             spec.hidden_size,
             spec.num_heads * spec.head_dim,

@@ -27,6 +27,7 @@ def build_gemma2_decoder(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
+    recompute: str | None = None,
 ) -> Gemma2Decoder:
     """Build this rank's stage of the Gemma-2 decoder alone (no vision / encoder).
 
@@ -35,11 +36,13 @@ def build_gemma2_decoder(
 
     Args:
         meta: build on the meta device (no memory; for sizing the 11.2B model).
+        recompute: activation recompute in training: None, "selective" (core attention of
+            every layer) or "full" (every layer).
     """
     parallel = parallel or ParallelConfig()
     _check_groups(parallel)
     validate_decoder_layout(decoder, parallel)
-    config = build_decoder_transformer_config(decoder, parallel, precision)
+    config = build_decoder_transformer_config(decoder, parallel, precision, recompute=recompute)
     first, last = _stage_flags(parallel, vp_stage)
     pre_process = first if pre_process is None else pre_process
     post_process = last if post_process is None else post_process
@@ -56,6 +59,7 @@ def build_model(
     *,
     meta: bool = False,
     vp_stage: int | None = None,
+    recompute: str | None = None,
 ) -> CaptioningModel:
     """Build this rank's stage of the whole captioning model (vision + encoder on the first
     pipeline stage, the decoder split across stages).
@@ -64,6 +68,9 @@ def build_model(
         meta: build on the meta device (no memory; for sizing).
         vp_stage: virtual-pipeline chunk (interleaved schedule); chunk 0 of stage 0 holds the
             encoder.
+        recompute: activation recompute of the encoder and decoder layers in training: None,
+            "selective" (core attention of every layer) or "full" (every layer). The frozen
+            vision tower runs under no_grad and is never recomputed.
     """
     parallel = parallel or ParallelConfig()
     _check_groups(parallel)
@@ -78,6 +85,7 @@ def build_model(
             pre_process=first,
             post_process=last,
             vp_stage=vp_stage,
+            recompute=recompute,
         )
 
 

@@ -52,8 +52,9 @@ def pack_stage_output(hidden: torch.Tensor, encoder_out: torch.Tensor) -> torch.
     return torch.cat([hidden, flat.view(b, k, h).transpose(0, 1)], dim=0)
 
 
-def unpack_stage_input(packed: torch.Tensor, s_enc: int, encoder_hidden: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_stage_input(
+    packed: torch.Tensor, s_enc: int, encoder_hidden: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_stage_output`: (hidden [s, b, h], encoder_out [s_enc, b, w])."""
     k = packed_rows(s_enc, encoder_hidden, packed.shape[-1])
     hidden, rows = packed[:-k], packed[-k:]
@@ -69,6 +70,9 @@ class CaptioningModel(MegatronModule):
     add_encoder: build vision tower + encoder on this stage (first pipeline stage).
     pre_process / post_process: decoder embedding / head on this stage.
     layer_range / vp_stage: the decoder layers of this stage (default from the PP rank).
+    recompute: activation recompute of the encoder and decoder layers in training: None,
+        "selective" (core attention of every layer) or "full" (every layer); the frozen
+        vision tower is never recomputed.
     """
 
     def __init__(
@@ -82,8 +86,11 @@ class CaptioningModel(MegatronModule):
         post_process: bool = True,
         layer_range: tuple[int, int] | None = None,
         vp_stage: int | None = None,
+        recompute: str | None = None,
     ) -> None:
-        dec_config = build_decoder_transformer_config(model.decoder, parallel, precision)
+        dec_config = build_decoder_transformer_config(
+            model.decoder, parallel, precision, recompute=recompute
+        )
         super().__init__(config=dec_config)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder
@@ -96,7 +103,10 @@ class CaptioningModel(MegatronModule):
         if add_encoder:
             self.vision = VisionTower(model.vision)
             self.encoder = BartEncoder(
-                build_encoder_transformer_config(model.encoder, parallel, precision), model.encoder
+                build_encoder_transformer_config(
+                    model.encoder, parallel, precision, recompute=recompute
+                ),
+                model.encoder,
             )
             self.vision.to(dec_config.params_dtype)
         decoder_cls = Gemma2Decoder if model.decoder.arch == "gemma2" else FlorenceDecoder
@@ -157,14 +167,45 @@ class CaptioningModel(MegatronModule):
         prompt_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision tower (unless precomputed ``image_tokens`` are given) + BART encoder.
 
+        ``has_image`` (bool [b], with pixels or image tokens) marks the samples that have an
+        image in a MIXED batch: the others (text-only translations) are encoded from their
+        prompt alone, exactly as on their own, and placed behind ``n`` masked rows, so the
+        output keeps the layout [n image rows ; prompt rows] of the batch.
+
         Returns (encoder_out [S, b, d], encoder_mask bool [b, S]).
         """
-        if image_tokens is None and pixel_values is not None:
-            image_tokens = self.vision(pixel_values.to(self.config.params_dtype))
-        return self.encoder(prompt_ids, prompt_mask, image_tokens)
+        has_images = pixel_values is not None or image_tokens is not None
+        if not has_images or has_image is None or bool(has_image.all()):
+            if image_tokens is None and pixel_values is not None:
+                image_tokens = self.vision(pixel_values.to(self.config.params_dtype))
+            return self.encoder(prompt_ids, prompt_mask, image_tokens)
+        b, s_p = prompt_ids.shape
+        if prompt_mask is None:
+            prompt_mask = torch.ones(b, s_p, dtype=torch.bool, device=prompt_ids.device)
+        n = self.model_config.vision.num_image_tokens
+        img = torch.nonzero(has_image.to(prompt_ids.device)).flatten()
+        txt = torch.nonzero(~has_image.to(prompt_ids.device)).flatten()
+        d = self.model_config.encoder.hidden_size
+        parts, mask = [], torch.zeros(b, n + s_p, dtype=torch.bool, device=prompt_ids.device)
+        if img.numel():
+            tokens = image_tokens[img] if image_tokens is not None else None
+            if tokens is None:
+                tokens = self.vision(pixel_values[img].to(self.config.params_dtype))
+            out_i, mask_i = self.encoder(prompt_ids[img], prompt_mask[img], tokens)
+            parts.append((img, out_i))
+            mask[img] = mask_i
+        out_t, mask_t = self.encoder(prompt_ids[txt], prompt_mask[txt], None)
+        out_t = torch.nn.functional.pad(out_t, (0, 0, 0, 0, n, 0))  # n masked rows in front
+        parts.append((txt, out_t))
+        mask[txt, n:] = mask_t
+        out = out_t.new_zeros(n + s_p, b, d)
+        for idx, part in parts:
+            out = out.index_copy(1, idx, part)
+        return out, mask
 
     def forward(
         self,
@@ -175,6 +216,7 @@ class CaptioningModel(MegatronModule):
         image_tokens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
     ):
         """Run this stage.
 
@@ -183,6 +225,8 @@ class CaptioningModel(MegatronModule):
             decoder_input_ids: [b, s] (every stage).
             pixel_values: [b, 3, H, W] normalised images, or ``image_tokens`` [b, n, d]
                 precomputed by the frozen tower (feature cache). Neither = text only.
+            has_image: bool [b] with images: which samples have one (mixed batches, see
+                :meth:`encode`); None = all.
             labels: [b, s] targets (IGNORE_INDEX = no loss), last stage.
             encoder_mask: bool [b, S] (non-first stages: the first stage's encoder mask, which
                 the data pipeline rebuilds from the prompt mask and image token count; its
@@ -194,14 +238,17 @@ class CaptioningModel(MegatronModule):
         """
         if self.add_encoder:
             encoder_out, encoder_mask = self.encode(
-                prompt_ids, prompt_mask, pixel_values, image_tokens
+                prompt_ids, prompt_mask, pixel_values, image_tokens, has_image
             )
         else:
             if self.input_tensor is None or encoder_mask is None:
-                raise ValueError("a stage without the encoder needs set_input_tensor(previous "
-                                 "stage output) and encoder_mask")
+                raise ValueError(
+                    "a stage without the encoder needs set_input_tensor(previous "
+                    "stage output) and encoder_mask"
+                )
             hidden, encoder_out = unpack_stage_input(
-                self.input_tensor, encoder_mask.shape[1], self.model_config.encoder.hidden_size)
+                self.input_tensor, encoder_mask.shape[1], self.model_config.encoder.hidden_size
+            )
             self.decoder.set_input_tensor(hidden)
         out = self.decoder(decoder_input_ids, encoder_out, encoder_mask, labels=labels)
         if self.post_process:

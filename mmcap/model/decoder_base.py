@@ -108,7 +108,7 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
 
     def layer_context(self, position_ids: torch.Tensor):
         """Per-forward inputs every layer of the stage shares (e.g. RoPE tables); None here."""
-        return None
+        return
 
     # --- shared ---------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:

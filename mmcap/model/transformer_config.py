@@ -4,16 +4,43 @@ megatron-core's tensor-parallel layers, embeddings and schedules all read a Tran
 mmcap builds exactly one per decoder from its own dataclasses (the single source of truth) and
 attaches the fields megatron-core has no slot for (soft-caps, sandwich norms, windows) on the
 mmcap side.
+
+Activation recompute (``recompute=None|"selective"|"full"``) is stored in megatron-core's own
+fields (``recompute_granularity``, ``recompute_method``, ``recompute_num_layers``), which
+mmcap's layers read (:mod:`mmcap.model.attention`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import warnings
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mmcap.config import DecoderConfig, EncoderConfig, ParallelConfig, PrecisionConfig
+from mmcap.config import ConfigError, DecoderConfig, EncoderConfig, ParallelConfig, PrecisionConfig
+
+RECOMPUTE_CHOICES = (None, "selective", "full")
+
+
+def _recompute_fields(recompute: str | None) -> dict:
+    """megatron-core's recompute fields for mmcap's ``recompute`` switch.
+
+    "full": every layer is recomputed on its own (Megatron-LM's ``--recompute-method uniform
+    --recompute-num-layers 1``); "selective": the core attention of every layer
+    (``recompute_modules=["core_attn"]``, megatron-core's default for "selective").
+    """
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ConfigError(f"recompute: must be None, 'selective' or 'full', got {recompute!r}")
+    if recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {}
 
 
 def _transformer_config(
@@ -34,13 +61,14 @@ def _transformer_config(
     parallel: ParallelConfig | None,
     precision: PrecisionConfig | None,
     sequence_parallel: bool | None = None,
+    recompute: str | None = None,
 ) -> TransformerConfig:
     parallel = parallel or ParallelConfig()
     precision = precision or PrecisionConfig(params_dtype="fp32")
     dtype = precision.torch_dtype
     vpp = parallel.virtual_pipeline_parallel
     sp = parallel.sequence_parallel if sequence_parallel is None else sequence_parallel
-    return TransformerConfig(
+    fields = dict(
         num_layers=num_layers,
         hidden_size=hidden_size,
         ffn_hidden_size=ffn_hidden_size,
@@ -74,15 +102,28 @@ def _transformer_config(
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=False,
         batch_p2p_sync=torch.cuda.is_available(),
+        **_recompute_fields(recompute),
     )
+    with warnings.catch_warnings():
+        # "selective" warns that Transformer Engine's core attention may be fused already;
+        # mmcap's core attention is its own back-end call (mmcap.ops.attention), not TE's.
+        warnings.filterwarnings("ignore", message="If you are using transformer_engine")
+        return TransformerConfig(**fields)
 
 
 def build_decoder_transformer_config(
     decoder: DecoderConfig,
     parallel: ParallelConfig | None = None,
     precision: PrecisionConfig | None = None,
+    *,
+    recompute: str | None = None,
 ) -> TransformerConfig:
-    """TransformerConfig for ``decoder`` (Gemma-2 or BART) under ``parallel`` / ``precision``."""
+    """TransformerConfig for ``decoder`` (Gemma-2 or BART) under ``parallel`` / ``precision``.
+
+    Args:
+        recompute: activation recompute of the decoder layers: None, "selective" (the core
+            attention of every self- and cross-attention) or "full" (every layer).
+    """
     gemma = decoder.arch == "gemma2"
     return _transformer_config(
         num_layers=decoder.num_layers,
@@ -100,6 +141,7 @@ def build_decoder_transformer_config(
         attention_dropout=decoder.attention_dropout,
         parallel=parallel,
         precision=precision,
+        recompute=recompute,
     )
 
 
@@ -107,9 +149,15 @@ def build_encoder_transformer_config(
     encoder: EncoderConfig,
     parallel: ParallelConfig | None = None,
     precision: PrecisionConfig | None = None,
+    *,
+    recompute: str | None = None,
 ) -> TransformerConfig:
     """TransformerConfig for the BART encoder. The encoder never uses sequence parallelism:
-    its output is consumed in full by every decoder layer on every TP rank."""
+    its output is consumed in full by every decoder layer on every TP rank.
+
+    Args:
+        recompute: as :func:`build_decoder_transformer_config`, for the encoder layers.
+    """
     return _transformer_config(
         num_layers=encoder.num_layers,
         hidden_size=encoder.hidden_size,
@@ -127,14 +175,17 @@ def build_encoder_transformer_config(
         parallel=parallel,
         precision=precision,
         sequence_parallel=False,
+        recompute=recompute,
     )
 
 
 def with_sequence_parallel(config: TransformerConfig, enabled: bool) -> TransformerConfig:
     """A shallow copy of ``config`` with ``sequence_parallel`` set (for layers that read a
-    replicated, full-sequence input such as the encoder output)."""
+    replicated, full-sequence input such as the encoder output). ``copy.copy``, not
+    ``dataclasses.replace``: the fields were validated once, and re-running megatron-core's
+    ``__post_init__`` would repeat its warnings."""
     if config.sequence_parallel == enabled:
         return config
-    new = dataclasses.replace(config)
+    new = copy.copy(config)
     new.sequence_parallel = enabled
     return new

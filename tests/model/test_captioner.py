@@ -31,8 +31,8 @@ def test_model_size_tool(single_rank_parallel_state, capsys, preset):
 
     assert main(["--preset", preset]) == 0
     out = capsys.readouterr().out
-    total = int(re.search(r"^total: (\d+)$", out, re.M).group(1))
-    trainable = int(re.search(r"^trainable: (\d+)$", out, re.M).group(1))
+    total = int(re.search(r"^total: (\d+)$", out, re.MULTILINE).group(1))
+    trainable = int(re.search(r"^trainable: (\d+)$", out, re.MULTILINE).group(1))
     assert abs(total - PAPER_COUNTS[preset]) / PAPER_COUNTS[preset] <= 0.01
     if preset.startswith("florence-2"):
         assert total == PAPER_COUNTS[preset]  # exact for the Florence sizes

@@ -4,6 +4,8 @@ Encoder:  h = LN(h + drop(self_attn(h)));                         h = LN(h + dro
 Decoder:  h = LN(h + drop(causal_self_attn(h))); h = LN(h + drop(cross_attn(h, enc)));
           h = LN(h + drop(mlp(h)))
 as transformers' BartEncoderLayer / BartDecoderLayer (scale head_dim^-0.5, biases, exact GELU).
+Under ``recompute_granularity="full"`` each layer is recomputed in backward
+(:func:`mmcap.model.attention.recompute_layer`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from mmcap.model.attention import AttentionSpec, CrossAttention, SelfAttention
+from mmcap.model.attention import AttentionSpec, CrossAttention, SelfAttention, recompute_layer
 from mmcap.model.mlp import MLP
 from mmcap.model.norms import layer_norm
 from mmcap.parallel.rng import tp_region_rng
@@ -98,6 +100,9 @@ class BartEncoderLayer(_PostLNLayer):
         )
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return recompute_layer(self, self._forward, hidden, padding_mask)
+
+    def _forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.self_attn_layernorm(
             hidden + self._drop(self.self_attention(hidden, None, padding_mask))
         )
@@ -142,6 +147,12 @@ class BartDecoderLayer(_PostLNLayer):
         ctx,
         encoder_out: torch.Tensor,
         encoder_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``ctx`` (the stage's shared layer context) is None for BART."""
+        return recompute_layer(self, self._forward, hidden, encoder_out, encoder_mask)
+
+    def _forward(
+        self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None
     ) -> torch.Tensor:
         hidden = self.self_attn_layernorm(hidden + self._drop(self.self_attention(hidden)))
         hidden = self.cross_attn_layernorm(

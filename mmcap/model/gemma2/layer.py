@@ -6,7 +6,8 @@
 
 megatron-core's TransformerLayer has no slots for Gemma's post-attention / post-MLP norms
 or the gated block (MEGATRON_CPU.md), so the layer is mmcap's own, built from megatron-core's
-tensor-parallel linears.
+tensor-parallel linears. Under ``recompute_granularity="full"`` the whole layer is recomputed
+in backward (:func:`mmcap.model.attention.recompute_layer`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmcap.config import DecoderConfig
-from mmcap.model.attention import AttentionSpec, SelfAttention
+from mmcap.model.attention import AttentionSpec, SelfAttention, recompute_layer
 from mmcap.model.gemma2.cross_attention import GatedCrossAttention
 from mmcap.model.mlp import MLP
 from mmcap.model.norms import GemmaRMSNorm
@@ -79,15 +80,18 @@ class Gemma2DecoderLayer(MegatronModule):
         encoder_out: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.cross_attention is not None and encoder_out is None:
+            raise ValueError(
+                f"layer {self.layer_idx}: this decoder has gated cross-attention "
+                "and needs encoder_out [s_enc, b, encoder_hidden]"
+            )
+        return recompute_layer(self, self._forward, hidden, *rope, encoder_out, encoder_mask)
+
+    def _forward(self, hidden, cos, sin, encoder_out, encoder_mask) -> torch.Tensor:
         hidden = hidden + self.post_attention_layernorm(
-            self.self_attention(self.input_layernorm(hidden), rope)
+            self.self_attention(self.input_layernorm(hidden), (cos, sin))
         )
         if self.cross_attention is not None:
-            if encoder_out is None:
-                raise ValueError(
-                    f"layer {self.layer_idx}: this decoder has gated cross-attention "
-                    "and needs encoder_out [s_enc, b, encoder_hidden]"
-                )
             hidden = hidden + self.cross_attention(hidden, encoder_out, encoder_mask)
         hidden = hidden + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(hidden)))
         return hidden
