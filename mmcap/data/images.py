@@ -73,6 +73,11 @@ class PILDecoder(ImageDecoder):
 
     name = "pil"
 
+    def __init__(self, cfg: ImageConfig, tolerant: bool = False):
+        super().__init__(cfg)
+        self.tolerant = tolerant
+        self.failures = 0  # images that failed to decode (tolerant mode)
+
     def resize_uint8(self, jpeg: bytes) -> np.ndarray:
         """uint8 [S, S, 3] after decode and resize (what the official transform sees)."""
         from PIL import Image
@@ -85,10 +90,22 @@ class PILDecoder(ImageDecoder):
             return np.asarray(im)
 
     def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
+        from PIL import Image
+
         s = self.cfg.size
         out = np.empty((len(jpegs), s, s, 3), dtype=np.uint8)
         for i, jpeg in enumerate(jpegs):
-            out[i] = self.resize_uint8(jpeg)
+            try:
+                out[i] = self.resize_uint8(jpeg)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                # Training (``tolerant``): a broken image must not kill the run. It becomes the
+                # mean colour (zeros after normalisation) and is counted; preprocessing with
+                # image verification (the default) keeps such images out in the first place.
+                if not self.tolerant:
+                    raise
+                self.failures += 1
+                log.warning("image %d of a batch failed to decode (%s); using a blank image", i, e)
+                out[i] = np.round(np.asarray(self.cfg.mean) * 255).astype(np.uint8)
         return normalize_(torch.from_numpy(out).permute(0, 3, 1, 2), self.cfg.mean, self.cfg.std)
 
 

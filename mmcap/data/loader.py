@@ -46,6 +46,7 @@ class CaptionBatch:
     state: dict
     pixels: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    decode_failures: int = 0  # images of this batch that failed to decode (blank instead)
 
     @property
     def has_image(self) -> torch.Tensor:
@@ -104,13 +105,17 @@ class _PILImages(torch.utils.data.Dataset):
     """DataLoader dataset whose "index" is one batch's (dataset indices, image rows)."""
 
     def __init__(self, paths: list[str], cfg: ImageConfig):
-        self.store, self.cfg, self.decoder = _ImageStore(paths), cfg, PILDecoder(cfg)
+        self.store, self.cfg = _ImageStore(paths), cfg
+        self.decoder = PILDecoder(cfg, tolerant=True)
 
     def __len__(self) -> int:  # indices come from the batch stream, not a range
         return 0
 
-    def __getitem__(self, refs: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
-        return decode_batch(self.decoder, self.store, *refs, self.cfg, device="cpu")
+    def __getitem__(self, refs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, int]:
+        """(pixels, images of this batch that failed to decode)."""
+        before = self.decoder.failures
+        pixels = decode_batch(self.decoder, self.store, *refs, self.cfg, device="cpu")
+        return pixels, self.decoder.failures - before
 
 
 def decode_batch(
@@ -134,9 +139,13 @@ def iterate_batches(
     prefetch_factor: int = 2,
     features: list | None = None,
     multiprocessing_context: str | None = None,
+    workers_ignore_sigterm: bool = False,
 ):
     """Infinite iterator of :class:`CaptionBatch`: pixels filled when ``image_cfg`` is given,
-    vision features when ``features`` (one :class:`FeatureStore` per dataset) is given."""
+    vision features when ``features`` (one :class:`FeatureStore` per dataset) is given.
+
+    ``workers_ignore_sigterm``: PIL workers ignore SIGTERM / SIGINT (the trainer: a preempted
+    job signals every process, and the workers must outlive the trainer's checkpoint)."""
     assemble = TokenBatchAssembler(datasets, batch_cfg)
     if features is not None:
         for gb in sampler:
@@ -175,11 +184,22 @@ def iterate_batches(
         persistent_workers=num_workers > 0,
         # "forkserver" when this process may hold threads (compiled kernels, OpenMP pools)
         multiprocessing_context=multiprocessing_context if num_workers else None,
+        worker_init_fn=_ignore_termination if num_workers and workers_ignore_sigterm else None,
     )
-    for pixels in loader:  # DataLoader keeps the sampler's order
+    for pixels, failures in loader:  # DataLoader keeps the sampler's order
         batch = pending.popleft()
-        batch.pixels = pixels
+        batch.pixels, batch.decode_failures = pixels, failures
         yield batch
+
+
+def _ignore_termination(_worker_id: int) -> None:
+    """Workers ignore SIGTERM / SIGINT: a preempted job signals every process, and a worker
+    dying first would raise in the trainer (DataLoader's SIGCHLD handler) in the middle of its
+    SIGTERM checkpoint. Workers still exit with the trainer (DataLoader's manager watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def gather_features(stores: list, datasets: np.ndarray, rows: np.ndarray) -> torch.Tensor:
