@@ -84,10 +84,29 @@ def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict
 
 
 def load_model_checkpoint(
-    model: torch.nn.Module, ckpt_dir: str | os.PathLike, strict: bool = True
+    model: torch.nn.Module | list[torch.nn.Module],
+    ckpt_dir: str | os.PathLike,
+    strict: bool = True,
 ) -> None:
-    """Load a checkpoint saved with any TP/PP layout into this rank's stage (collective)."""
+    """Load a checkpoint saved with any TP/PP layout into this rank's stage (collective).
+
+    ``model`` may be the list of this rank's virtual-pipeline chunks (interleaved schedule):
+    they load in ONE dist_checkpointing call, because megatron-core checks that the shards of
+    every tensor cover it across the world, which one call per chunk cannot satisfy (the tied
+    embedding lives in different chunks on the first and last stage). Keys ``chunk{i}`` nest
+    the chunks as Megatron-LM's ``model{i}``.
+    """
     read_checkpoint_info(ckpt_dir)  # fails early with a clear message
-    sharded = model.sharded_state_dict()
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks = [getattr(c, "module", c) for c in chunks]  # DDP-wrapped chunks
+    # A training checkpoint (mmcap.train.checkpoint) also holds optimizer / RNG state: its
+    # non-sharded ("common") part comes back merged into the result, so keep only our keys.
+    if len(chunks) == 1:
+        sharded = chunks[0].sharded_state_dict()
+        state = dist_checkpointing.load(sharded, str(ckpt_dir))
+        chunks[0].load_state_dict({k: state[k] for k in sharded}, strict=strict)
+        return
+    sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    model.load_state_dict(state, strict=strict)
+    for i, c in enumerate(chunks):
+        c.load_state_dict({k: state[f"chunk{i}"][k] for k in sharded[f"chunk{i}"]}, strict=strict)

@@ -52,27 +52,8 @@ def build_eval_model(
     chunks = [build_model(model_cfg, parallel, precision, vp_stage=v) for v in stages]
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
-    if len(chunks) == 1:
-        load_model_checkpoint(chunks[0], ckpt_dir)
-    else:
-        _load_virtual_chunks(chunks, ckpt_dir)
+    load_model_checkpoint(chunks, ckpt_dir)
     return chunks, model_cfg
-
-
-def _load_virtual_chunks(chunks: list[torch.nn.Module], ckpt_dir: str | os.PathLike) -> None:
-    """Load the interleaved schedule's chunks of this rank in ONE dist_checkpointing call:
-    megatron-core validates that the shards of every tensor cover it across the world, which
-    one call per chunk cannot satisfy (the tied embedding lives in different chunks on the
-    first and last stage). Keys ``chunk{i}`` nest the chunks as megatron-LM's ``model{i}``."""
-    from megatron.core import dist_checkpointing
-
-    from mmcap.checkpoint import read_checkpoint_info
-
-    read_checkpoint_info(ckpt_dir)  # a clear error if it is not a checkpoint
-    sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    for i, c in enumerate(chunks):
-        c.load_state_dict(state[f"chunk{i}"], strict=True)
 
 
 def run_eval_loss(
