@@ -1,1 +1,1 @@
-"""Training: megatron-core forward/backward schedules, DDP and optimizer (groundwork)."""
+"""Training: ``torchrun -m mmcap.train`` (config, loop), megatron-core step, checkpoints."""

@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -25,6 +26,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mmcap.data.prompts import ALL_KEYS
 from mmcap.model.captioner import packed_rows
 from mmcap.model.decoder_base import IGNORE_INDEX
 from mmcap.parallel import cuda_factories_on_cpu
@@ -41,11 +43,18 @@ class MicroBatch:
     pixel_values: torch.Tensor | None = None  # [b, 3, H, W]
     image_tokens: torch.Tensor | None = None  # [b, n, d] (feature cache)
     num_image_tokens: int = 0
+    has_image: torch.Tensor | None = None  # bool [b] in mixed batches (None = all have one)
+    key: torch.Tensor | None = None  # [b] task-language key ids (per-key loss logging)
 
     @property
     def encoder_mask(self) -> torch.Tensor:
+        """The first stage's cross-attention mask, rebuilt for later stages
+        (:meth:`mmcap.model.captioner.CaptioningModel.encode`)."""
         b = self.prompt_mask.shape[0]
-        img = torch.ones(b, self.num_image_tokens, dtype=torch.bool)
+        dev = self.prompt_mask.device
+        img = torch.ones(b, self.num_image_tokens, dtype=torch.bool, device=dev)
+        if self.has_image is not None and self.num_image_tokens:
+            img = img & self.has_image.to(dev).bool()[:, None]
         return torch.cat([img, self.prompt_mask.bool()], dim=1)
 
 
@@ -81,12 +90,21 @@ def build_optimizer(ddp_chunks, optimizer_config: OptimizerConfig):
     return opt
 
 
-def _loss_func(labels: torch.Tensor, output: torch.Tensor):
-    """(summed loss, target tokens, logging) as megatron-core's per-token loss expects."""
+def _loss_func(labels: torch.Tensor, key: torch.Tensor | None, output: torch.Tensor):
+    """(summed loss, target tokens, logging) as megatron-core's per-token loss expects.
+
+    Logging: "lm loss" = [summed CE, tokens]; "key loss" = [num keys, 2] the same per
+    task-language key (per-token mean per key = column 0 / column 1)."""
     mask = (labels != IGNORE_INDEX).float()
-    loss = (output.float() * mask).sum()
+    per_token = output.float() * mask
+    loss = per_token.sum()
     tokens = mask.sum().to(torch.int)
-    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
+    logs = {"lm loss": torch.stack([loss.detach(), tokens.float()])}
+    if key is not None:
+        per_sample = torch.stack([per_token.detach().sum(1), mask.sum(1)], dim=1)  # [b, 2]
+        by_key = per_sample.new_zeros(len(ALL_KEYS), 2)
+        logs["key loss"] = by_key.index_add_(0, key.to(by_key.device), per_sample)
+    return loss, tokens, logs
 
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
@@ -99,8 +117,9 @@ def _forward_step(data_iterator: Iterator[MicroBatch], model):
         image_tokens=mb.image_tokens,
         labels=mb.labels,
         encoder_mask=mb.encoder_mask,
+        has_image=mb.has_image,
     )
-    return out, partial(_loss_func, mb.labels)
+    return out, partial(_loss_func, mb.labels, mb.key)
 
 
 def train_step(
@@ -108,9 +127,13 @@ def train_step(
 ) -> dict:
     """Forward + backward over ``microbatches`` (this DP rank's share) and one optimizer step.
 
-    Returns:
-        {"loss": mean per-token loss of the global batch (last stage; else nan),
-         "grad_norm", "update_successful"}.
+    A non-finite global loss skips the update; so does a loss scaler that finds non-finite
+    gradients (megatron-core's optimizer: fp16, or bf16 with ``loss_scale`` set).
+
+    Returns (the same on every rank):
+        {"loss": per-token mean CE of the global batch, "key_loss": {key: per-token mean},
+         "tokens": target tokens of the global batch, "grad_norm" (None when skipped),
+         "update_successful", "skipped": None or the reason}.
     """
     for c in ddp_chunks:
         c.zero_grad_buffer()
@@ -138,10 +161,43 @@ def train_step(
             micro_batch_size=b,
             forward_only=False,
         )
+    # The global loss (and per-key sums) on EVERY rank, so all ranks agree on skipping.
+    stats = torch.zeros(2 + 2 * len(ALL_KEYS), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        stats[:2] = torch.stack([x["lm loss"] for x in losses]).sum(0).double().cpu()
+        if "key loss" in losses[0]:
+            stats[2:] = torch.stack([x["key loss"] for x in losses]).sum(0).double().cpu().flatten()
+    if torch.distributed.is_initialized():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        stats = stats.to(dev)
+        torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(
+            stats, group=parallel_state.get_pipeline_model_parallel_group()
+        )
+        stats = stats.cpu()
+    tokens = stats[1].item()
+    loss = stats[0].item() / tokens if tokens else float("nan")
+    per_key = stats[2:].view(len(ALL_KEYS), 2)
+    key_loss = {
+        k: (per_key[i, 0] / per_key[i, 1]).item()
+        for i, k in enumerate(ALL_KEYS)
+        if per_key[i, 1] > 0
+    }
+    result = {
+        "loss": loss,
+        "key_loss": key_loss,
+        "tokens": int(tokens),
+        "grad_norm": None,
+        "update_successful": False,
+        "skipped": None,
+    }
+    if not math.isfinite(loss):
+        # NaN / inf loss: no update (the gradient buffers are zeroed at the next step).
+        result["skipped"] = "non-finite loss"
+        return result
+    with cuda_factories_on_cpu():
         ok, grad_norm, _ = optimizer.step()
-    loss = float("nan")
-    if parallel_state.is_pipeline_last_stage():
-        tot = torch.stack([x["lm loss"] for x in losses]).sum(0)
-        torch.distributed.all_reduce(tot, group=parallel_state.get_data_parallel_group())
-        loss = (tot[0] / tot[1]).item()
-    return {"loss": loss, "grad_norm": grad_norm, "update_successful": ok}
+    result.update(grad_norm=grad_norm, update_successful=bool(ok))
+    if not ok:  # the loss scaler found inf / nan gradients (fp16, or bf16 with a scaler)
+        result["skipped"] = "non-finite gradients"
+    return result

@@ -143,9 +143,8 @@ def test_killed_save_keeps_previous_latest(tmp_path):
     with DistributedWorkers(4, timeout=300) as w:
         w.run(_run, 2, 2, str(tmp_path), 1, save_at=1)
     good = latest_checkpoint(tmp_path)
-    with DistributedWorkers(4, timeout=60) as w:
-        with pytest.raises((TimeoutError, AssertionError)):
-            w.run(_die_mid_save, str(tmp_path))
+    with DistributedWorkers(4, timeout=60) as w, pytest.raises((TimeoutError, AssertionError)):
+        w.run(_die_mid_save, str(tmp_path))
     assert latest_checkpoint(tmp_path) == good
     assert (tmp_path / "step_00000004.partial").exists()  # the torn save is not "latest"
     with DistributedWorkers(4, timeout=300) as w:

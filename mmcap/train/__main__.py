@@ -1,0 +1,63 @@
+"""``torchrun [...] -m mmcap.train --preset NAME [--config FILE.yaml] [key=value ...]``
+
+Examples::
+
+    # one process (CPU or one GPU)
+    python -m mmcap.train --preset debug-gemma data.train=[data/demo/train] train_steps=100
+    # 8 GPUs of one node, TP=2 PP=2 DP=2
+    torchrun --nproc-per-node 8 -m mmcap.train --preset florence-gemma-2-xlarge \\
+        --config examples/pretrain/florence-gemma-2-xlarge.yaml checkpoint.save=ckpt/xl
+    # continue the newest complete checkpoint of checkpoint.save (the default)
+    torchrun ... -m mmcap.train ... --resume auto
+
+Configuration keys: ``mmcap/train/config.py`` (TrainConfig); ``--print-config`` shows the
+resolved configuration and exits. Exit codes: 0 done (or checkpointed after SIGTERM), 2 bad
+configuration, 3 stopped after ``max_bad_steps`` non-finite steps in a row.
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m mmcap.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--preset", help="model preset (overrides the config file's preset)")
+    ap.add_argument("--config", help="YAML file of TrainConfig keys")
+    ap.add_argument(
+        "--resume",
+        help="auto (newest complete checkpoint of checkpoint.save), none, or a checkpoint dir",
+    )
+    ap.add_argument("--print-config", action="store_true", help="print the config and exit")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 train_steps=10")
+    args = ap.parse_args(argv)
+
+    from mmcap.config import ConfigError
+    from mmcap.train.config import load_train_config
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_train_config(args.preset, args.config, overrides)
+    except ConfigError as e:
+        print(f"mmcap.train: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from mmcap.train.loop import run
+
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"mmcap.train: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

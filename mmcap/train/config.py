@@ -1,0 +1,337 @@
+"""Typed configuration of a training run, built from a preset, a YAML file and key=value
+overrides (torchtitan / Megatron-LM style)::
+
+    torchrun --nproc-per-node 8 -m mmcap.train --preset florence-gemma-2-xlarge \\
+        --config examples/pretrain/florence-gemma-2-xlarge.yaml \\
+        parallel.tensor_parallel=4 optim.lr=5e-5 train_steps=200
+
+Precedence: dataclass defaults < ``--config`` YAML (recipes in ``examples/``) <
+``--preset`` < ``key=value`` (dotted paths, values parsed as YAML: ``3``, ``1e-4``, ``true``, ``null``,
+``[a, b]``). Unknown keys are errors that name the key. ``model.*`` keys override fields of the
+preset's :class:`mmcap.config.ModelConfig` (``model.vision.image_size=768``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmcap.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from mmcap.config.presets import get_preset
+from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup + decay (SYSTEM.md recipes: LR 1e-4 pretraining / 5e-5 fine-tuning,
+    cosine, 100 warmup steps, weight decay 0.01 / 0.05, grad clip 1.0).
+
+    Args:
+        lr / min_lr: peak and final learning rate.
+        decay_style: "cosine", "linear" or "constant" (after warmup), megatron-core's
+            OptimizerParamScheduler; decay runs to ``TrainConfig.train_steps``.
+        clip_grad: global gradient-norm clip (0 = off).
+        loss_scale: fp16 only: None = dynamic loss scaling (megatron-core DynamicGradScaler,
+            starting at ``initial_loss_scale``), a number = constant scale.
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 100
+    decay_style: str = "cosine"
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0**16
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, lr]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(
+            self.decay_style in ("cosine", "linear", "constant"),
+            "optim.decay_style",
+            f"must be cosine, linear or constant, got {self.decay_style!r}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Training / validation data (indexed datasets made by ``tools/preprocess_data.py``).
+
+    Args:
+        train: dataset directories, blended by ``weights`` (None = equal).
+        valid: a held-out dataset for periodic CE validation (``EvalConfig``), or None.
+        balancing / target: task-language sampling (``task-lang-balancing`` pretraining,
+            ``generalist-finetune`` fine-tuning, or ``custom`` with ``target``).
+        image_backend: "pil" (DataLoader workers), "torchvision" / "dali" (GPU), or "auto".
+        num_workers: PIL decoding processes per rank.
+        max_prompt_tokens / max_target_tokens: crop lengths (paper: 128 / 128).
+        features: per train dataset, a frozen-vision feature cache directory
+            (``tools/cache_vision_features.py``) used instead of decoding images.
+    """
+
+    train: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    valid: str | None = None
+    balancing: str = "task-lang-balancing"
+    target: dict[str, float] | None = None
+    image_backend: str = "pil"
+    num_workers: int = 2
+    max_prompt_tokens: int = 128
+    max_target_tokens: int = 128
+    pad_multiple: int = 8
+    features: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            _require(
+                len(self.weights) == len(self.train),
+                "data.weights",
+                f"{len(self.weights)} weights for {len(self.train)} train datasets",
+            )
+        if self.features is not None:
+            _require(
+                len(self.features) == len(self.train),
+                "data.features",
+                f"{len(self.features)} feature caches for {len(self.train)} train datasets",
+            )
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Args:
+    save: directory of the run's checkpoints (``step_<N>/`` + ``latest``); None = never save.
+    save_interval: save every N steps (0 = only at the end / on SIGTERM).
+    resume: "auto" = continue from ``save``/latest when it exists, "none" = start fresh, or a
+        checkpoint directory to continue from.
+    load: initial MODEL weights for a fresh run (a ``tools/convert_from_hf.py`` output or a
+        pretraining checkpoint for fine-tuning); optimizer and step start fresh. Ignored when
+        resuming.
+    keep_last: delete older ``step_<N>`` directories beyond this many (None = keep all).
+    """
+
+    save: str | None = None
+    save_interval: int = 1000
+    resume: str = "auto"
+    load: str | None = None
+    keep_last: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        _require(
+            self.keep_last is None or self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """Args:
+    log_interval: steps between console lines / TensorBoard points.
+    tensorboard_dir: default ``<checkpoint.save>/tensorboard`` ("" = off).
+    wandb_project / wandb_name: log to Weights & Biases when a project is set.
+    metrics_file: JSON lines of every step's metrics (default ``<save>/metrics.jsonl``).
+    peak_tflops: per-GPU peak for MFU; None = from the device name (H100/H200: 989 bf16).
+    """
+
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    metrics_file: str | None = None
+    peak_tflops: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Periodic teacher-forced CE validation on ``data.valid`` (mmcap.eval, the same code as
+    ``tools/eval_loss.py``).
+
+    Args:
+        interval: every N steps (0 = off); also after the last step when > 0.
+        max_samples: evaluate the first N entries of the valid set (None = all).
+        micro_batch_size: entries per evaluation micro-batch.
+    """
+
+    interval: int = 0
+    max_samples: int | None = None
+    micro_batch_size: int = 8
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Args:
+        preset: model preset (``mmcap.config.presets``).
+        model: overrides of the preset's ModelConfig fields, nested dicts by section.
+        train_steps: optimizer steps of the whole run (the LR schedule spans them).
+        global_batch_size / micro_batch_size: samples per step over all DP ranks / per
+            forward; micro-batches per step = global / (micro x DP).
+        recompute: activation recompute: None, "selective" (attention core of every layer) or
+            "full" (every decoder / encoder layer).
+        max_bad_steps: K: stop after K steps in a row with a non-finite loss or gradient.
+        exit_interval: checkpoint and exit (code 0) when the step is a multiple of this
+            (Megatron-LM ``--exit-interval``; e.g. to split a run into scheduled jobs).
+        exit_duration_minutes: checkpoint and exit once the run has lasted this long.
+        seed: model init, dropout, data order.
+    """
+
+    preset: str = "debug-gemma"
+    model: dict = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train_steps: int = 1000
+    global_batch_size: int = 1024
+    micro_batch_size: int = 8
+    recompute: str | None = None
+    max_bad_steps: int = 5
+    exit_interval: int | None = None
+    exit_duration_minutes: float | None = None
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.train_steps >= 1, "train_steps", "must be >= 1")
+        _require(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _require(
+            self.recompute in (None, "selective", "full"),
+            "recompute",
+            f"must be null, selective or full, got {self.recompute!r}",
+        )
+        _require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+
+    def model_config(self) -> ModelConfig:
+        """The preset with ``model`` overrides applied (validated)."""
+        base = model_config_to_dict(get_preset(self.preset))
+        merged = _merge(base, self.model, "model")
+        return model_config_from_dict(merged, where=f"model (preset {self.preset})")
+
+    def num_microbatches(self, dp: int) -> int:
+        per_rank, rest = divmod(self.global_batch_size, dp * self.micro_batch_size)
+        _require(
+            rest == 0 and per_rank >= 1,
+            "global_batch_size",
+            f"{self.global_batch_size} is not a multiple of micro_batch_size "
+            f"{self.micro_batch_size} x data-parallel size {dp}",
+        )
+        return per_rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if k not in base:
+            raise ConfigError(f"{where}.{k}: unknown key; known: {sorted(base)}")
+        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) else v
+    return out
+
+
+def _build(cls, data: dict, where: str):
+    """Nested dict -> dataclass ``cls``; unknown keys are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value, f"{where}.{name}" if where else name)
+        elif isinstance(value, list) and "tuple" in str(hint):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip().split("."), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _set(tree: dict, path: list[str], value) -> None:
+    node = tree
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {p} is not a section")
+    node[path[-1]] = value
+
+
+def _fix_numbers(tree):
+    if isinstance(tree, dict):
+        return {k: _fix_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fix_numbers(v) for v in tree]
+    if isinstance(tree, str) and _looks_numeric(tree) and not tree.strip().isdigit():
+        return float(tree)
+    return tree
+
+
+def load_train_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> TrainConfig:
+    """Build a :class:`TrainConfig`; see the module docstring for precedence."""
+    import yaml
+
+    tree: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: top level must be a mapping")
+        tree = _fix_numbers(loaded or {})
+    if preset is not None:
+        tree["preset"] = preset
+    for item in overrides:
+        path_, value = parse_override(item)
+        _set(tree, path_, value)
+    cfg = _build(TrainConfig, tree, "")
+    cfg.model_config()  # validate model overrides now
+    return cfg

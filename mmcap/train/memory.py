@@ -1,0 +1,474 @@
+"""Per-GPU memory estimate of a training layout (TP x PP x DP, micro-batch, recompute), for
+picking layouts before a run. Nothing here is measured: it is an analytic model of what
+mmcap's modules keep alive, to be checked against ``torch.cuda.max_memory_allocated``.
+
+Static memory, from the parameters this rank holds (counted on the meta-built model, with
+its ``requires_grad`` flags, :func:`stage_parameters`):
+
+- weights: every parameter (frozen ones too) in ``params_dtype``;
+- gradients: megatron-core DDP keeps one contiguous buffer for the TRAINABLE parameters,
+  float32 with ``grad_reduce_in_fp32`` (frozen parameters are not in it);
+- optimizer: the distributed optimizer (ZeRO-1) shards fp32 main params + Adam exp_avg +
+  exp_avg_sq = 12 bytes per trainable parameter over the DP group (8 with fp32 params, whose
+  main copy is the parameter itself).
+
+Activations (bytes, bf16 = 2, per micro-batch, after Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models": 34 sbh + 5 a s^2 b per layer, there
+for a trainable GPT layer with LayerNorm and dropout), re-derived from what mmcap's layers
+save for backward. Per token, ``R`` terms are replicated over the TP group (divided by TP
+with sequence parallelism), ``S`` terms are TP-sharded (divided by TP). A frozen linear
+(megatron-core ``linear_with_frozen_weight``) saves no input; a trainable one saves its
+bf16 input. Gemma's RMSNorm computes in fp32 and saves its fp32 input (4 B), plus its fp32
+normalised output (4 B) when its weight trains. q = heads x head_dim, kv = kv_heads x
+head_dim, f = FFN width, nh = heads, T = 1 where the block's weights train:
+
+- attention core, memory-efficient kernel (flash / TE / flex): Q, K, V, O + fp32
+  log-sum-exp (4 nh); no s^2 term. The ``math`` back-end adds, per score, 2 (bf16
+  probabilities) + 4 (fp32 softmax) + 2 with soft-cap + 3 with dropout (mask + output):
+  the 5 a s^2 b term.
+- Gemma-2 layer (self-attn + gated cross-attn + GeGLU, 5 norms), per decoder token:
+  R = 4(1+T) x 4 norms + 2T (qkv in) + 2T (fc1 in) + 2 (xattn q in) + 8 (xattn post-norm)
+  + 2 (gate product); S = 2(q + 2kv) (fused qkv, alive through the v view) + 2q + 2kv
+  (rotated q, k) + 2q (O) + 2Tq (proj in) + 4nh + 6q + 4nh (xattn Q, O, proj in) + 4f (fc1
+  out) + 2f (GELU out) + 2Tf (fc2 in); plus 4 kv per ENCODER token (the cross-attn K, V).
+  For the Gemma sizes (T = 0): R = 28 h, S = 12q + 6kv + 6f + 8nh.
+- BART layer (post-LN, biases; dropout p > 0 keeps 1-byte masks on CUDA, 2 B on CPU), per
+  token: self-attention R = 2T + 1 (dropout mask) + 2 (LN in), S = 6h (fused qkv: q, k, v
+  are views) + 2h (O) + 2Th + 4nh; MLP R = 2T + 1 + 2,
+  S = 2f (GELU in) + f (activation-dropout mask) + 2Tf; the decoder's cross-attention adds
+  R = 2T + 1 + 2, S = 2h (Q) + 2h (O) + 2Th + 4nh and 4h per encoder token. A trainable
+  encoder layer at f = 4h, TP = 1: 40 h (+ 4 nh) per token = Korthikanti's 34 + 2 (O, kept
+  by the kernel besides the projection's input copy) + 4 (BART's activation-dropout mask).
+- embeddings: BART LN (2) + dropout mask (1) R per token; Gemma's scaled embedding nothing.
+- per stage and micro-batch: the encoder output [s_enc, b, 1024] that every cross-attention
+  ``linear_kv`` saves (one tensor shared by the stage's layers; later stages unpack a copy).
+- head (last stage): final norm + LM-head input (R) and the logits [s, b, V/TP]: 4 B fp32
+  softmax kept by megatron-core's vocab-parallel cross-entropy + 2 B tanh output of the
+  final soft-cap (Gemma) saved; while they are made, the bf16 head output and the soft-cap
+  temporary (2 + 2 B, a transient) are alive too.
+- recompute: "selective" recomputes the attention core (drops the s^2 terms, O and the
+  log-sum-exp; with a flash kernel the gain is small); "full" keeps only each layer's input
+  (2 h R per token) and rebuilds one layer at a time in backward (a transient).
+
+Micro-batches in flight (megatron-core schedules): stage p of 1F1B holds min(PP - p, M);
+interleaved (V chunks) stage p holds ((PP - p - 1) 2 + (V - 1) PP + 1) / V stage-equivalents
+(Megatron-LM's 1 + (PP - 1) / (PP V) penalty on stage 0). Non-first stages keep each
+in-flight micro-batch's received packed tensor, non-last stages its sent one
+(``deallocate_pipeline_outputs=False``): 2 (s/TP_sp + k) b h_dec bytes each.
+
+Transients (only the largest counts): the frozen DaViT's no-grad forward (~8 live copies of
+its widest [b, tokens, C] map), the full-recompute working set (one layer), the bf16
+weight gradient of the largest trainable tensor before it is added to the fp32 buffer, and
+the head's bf16 logits temporaries (last stage).
+Not modelled (keep headroom): the CUDA context (~0.5 GiB), NCCL buffers, allocator
+fragmentation, data-loader pinned memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from mmcap.config import (
+    ConfigError,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+)
+from mmcap.config.parallel import validate_layout
+from mmcap.model.captioner import packed_rows
+from mmcap.model.pipeline import decoder_layer_range
+
+GIB = 1024**3
+# H100 SXM 80GB: 81,559 MiB as nvidia-smi reports it.
+H100_80GB_BYTES = 81559 * 1024**2
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ACT = 2  # bytes of a bf16 / fp16 activation element
+
+
+@dataclass
+class StageParameters:
+    """Parameters of one TP rank of a pipeline stage (all TP ranks of a stage hold the same).
+
+    Args:
+        trainable / frozen: local element counts by ``requires_grad``.
+        largest_trainable: elements of the largest local trainable tensor (its bf16 weight
+            gradient is a transient before megatron-core adds it to the fp32 buffer).
+    """
+
+    trainable: int = 0
+    frozen: int = 0
+    largest_trainable: int = 0
+
+
+_PARAM_TABLES: dict[str, list[tuple[str, int, bool, bool]]] = {}
+
+
+def _param_table(model: ModelConfig) -> list[tuple[str, int, bool, bool]]:
+    """(name, numel, TP-split, trainable) of the TP=PP=1 meta model, cached per config."""
+    from mmcap.config.serialize import model_config_to_dict
+
+    plain = model_config_to_dict(model)
+    plain["vision"].pop("image_size")  # no parameter depends on it: share 224 / 768 px
+    key = json.dumps(plain, sort_keys=True)
+    if key not in _PARAM_TABLES:
+        from mmcap.model.build import build_model
+
+        built = build_model(model, ParallelConfig(), PrecisionConfig("bf16"), meta=True)
+        _PARAM_TABLES[key] = [
+            (n, p.numel(), bool(getattr(p, "tensor_model_parallel", False)), p.requires_grad)
+            for n, p in built.named_parameters()
+        ]
+    return _PARAM_TABLES[key]
+
+
+def stage_parameters(model: ModelConfig, parallel: ParallelConfig) -> list[StageParameters]:
+    """Per pipeline stage, the parameters of one of its TP ranks, split by ``requires_grad``.
+
+    Counted on the model built on the meta device at TP=PP=1 (megatron-core's groups must be
+    initialised at TP=PP=1, as for :func:`mmcap.model.size.count_parameters`, whose per-rank
+    rule this follows): TP-split tensors hold 1/TP of their elements (vocabularies after TP
+    padding); stage 0 holds vision, encoder and decoder embedding; decoder layers go to the
+    stage of their (virtual) chunk; the last stage holds the final norm and, with PP > 1, its
+    copy of the tied LM head.
+    """
+    validate_layout(model, parallel)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    vpp = parallel.virtual_pipeline_parallel or 1
+    stage_of_layer = {}
+    for s in range(pp):
+        for v in range(vpp):
+            for i in range(*decoder_layer_range(model.decoder.num_layers, s, pp, v, vpp)):
+                stage_of_layer[i] = s
+    stages = [StageParameters() for _ in range(pp)]
+
+    def add(stage: int, n: float, trainable: bool) -> None:
+        n = round(n)
+        st = stages[stage]
+        if trainable:
+            st.trainable += n
+            st.largest_trainable = max(st.largest_trainable, n)
+        else:
+            st.frozen += n
+
+    for name, numel, split, trainable in _param_table(model):
+        local = numel / tp if split else float(numel)
+        if name == "decoder.embedding.word_embeddings.weight":
+            local = model.decoder.padded_vocab_size(tp) * model.decoder.hidden_size / tp
+            if pp > 1 and model.decoder.tie_word_embeddings:
+                add(pp - 1, local, trainable)  # the last stage's LM-head copy
+        elif name == "encoder.embedding.word_embeddings.weight":
+            local = model.encoder.embedding_rows(tp) * model.encoder.hidden_size / tp
+        if name.startswith("decoder.layers."):
+            stage = stage_of_layer[int(name.split(".")[2])]
+        elif name.startswith(("decoder.final_layernorm", "decoder.output_layer")):
+            stage = pp - 1
+        else:
+            stage = 0
+        add(stage, local, trainable)
+    return stages
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """Token counts of one micro-batch and how a TP rank splits them (b samples, s decoder
+    tokens, se encoder tokens = image + prompt, TP size, sequence parallelism)."""
+
+    b: int
+    s: int  # decoder tokens
+    se: int  # encoder tokens (image + prompt)
+    tp: int
+    sp: bool
+
+    def rows(self, tokens: int, rep: float, shard: float) -> float:
+        """Bytes of ``tokens`` x b tokens with ``rep`` R bytes and ``shard`` S bytes each."""
+        return tokens * self.b * (rep / (self.tp if self.sp else 1) + shard / self.tp)
+
+
+def _scores(
+    heads: int, s_q: int, s_k: int, sh: MicroBatchShape, softcap: bool, dropout: bool
+) -> float:
+    """Saved attention-score bytes of the ``math`` back-end (Korthikanti's 5 a s^2 b)."""
+    per = 2 + 4 + (2 if softcap else 0) + (3 if dropout else 0)
+    return heads / sh.tp * s_q * s_k * sh.b * per
+
+
+def gemma_layer_bytes(
+    model: ModelConfig, sh: MicroBatchShape, *, recompute: str | None, attention: str
+) -> float:
+    """Saved activations of one Gemma-2 layer with gated cross-attention, one micro-batch."""
+    d = model.decoder
+    t = 1 if model.trainable.decoder_policy(d.arch) == "all" else 0
+    h, f, nh = d.hidden_size, d.ffn_hidden_size, d.num_attention_heads
+    q, kv = nh * d.head_dim, d.num_kv_heads * d.head_dim
+    if recompute == "full":
+        return sh.rows(sh.s, ACT * h, 0)
+    core = 0 if recompute == "selective" else 2 * q + 4 * nh  # O + lse, kept by the kernel
+    # 4 sandwich norms; qkv / fc1 inputs if trainable; xattn q input, post-norm, gate product.
+    rep = 4 * 4 * (1 + t) * h + 2 * t * h + 2 * t * h + 2 * h + 8 * h + 2 * h
+    self_attn = 2 * (q + 2 * kv) + 2 * q + 2 * kv + core + 2 * t * q
+    cross_attn = 2 * q + core + 2 * q  # Q, (O, lse), trainable proj input
+    mlp = 4 * f + 2 * f + 2 * t * f
+    shard = self_attn + cross_attn + mlp
+    out = sh.rows(sh.s, rep, shard) + sh.rows(sh.se, 0, 4 * kv)
+    if attention == "math" and recompute is None:
+        soft = d.attn_logit_softcap is not None
+        drop = d.attention_dropout > 0
+        out += _scores(nh, sh.s, sh.s, sh, soft, drop) + _scores(nh, sh.s, sh.se, sh, soft, drop)
+    return out
+
+
+def bart_layer_bytes(
+    stack: EncoderConfig | DecoderConfig,
+    trainable: bool,
+    sh: MicroBatchShape,
+    tokens: int,
+    *,
+    cross: bool,
+    recompute: str | None,
+    attention: str,
+) -> float:
+    """Saved activations of one post-LN BART layer of ``stack`` (the encoder, or the Florence
+    decoder with ``cross``-attention), one micro-batch of ``tokens`` tokens."""
+    h, heads, ffn = stack.hidden_size, stack.num_attention_heads, stack.ffn_hidden_size
+    if recompute == "full":
+        return sh.rows(tokens, ACT * h, 0)
+    t, drop = int(trainable), int(stack.dropout > 0)  # 1-byte CUDA dropout masks
+    act_drop = int(stack.activation_dropout > 0)
+    core = 0 if recompute == "selective" else 2 * h + 4 * heads
+    blocks = 3 if cross else 2
+    rep = blocks * (2 * t * h + drop * h + 2 * h)  # linear input, dropout mask, LN input
+    # fused qkv (q, k, v views) + O + proj input; GELU input + mask + fc2 input
+    shard = (6 * h + core + 2 * t * h) + (2 * ffn + act_drop * ffn + 2 * t * ffn)
+    out = sh.rows(tokens, rep, shard)
+    if cross:
+        out += sh.rows(tokens, 0, 2 * h + core + 2 * t * h) + sh.rows(sh.se, 0, 4 * h)
+    if attention == "math" and recompute is None:
+        p_drop = stack.attention_dropout > 0
+        out += _scores(heads, tokens, tokens, sh, False, p_drop)
+        if cross:
+            out += _scores(heads, tokens, sh.se, sh, False, p_drop)
+    return out
+
+
+def _vision_forward_bytes(model: ModelConfig, b: int) -> float:
+    """No-grad DaViT forward peak: ~8 live copies of its widest [b, tokens, C] map (residual,
+    norm output, qkv 3x or MLP hidden 4x)."""
+    v = model.vision
+    side, widest = v.image_size, 0
+    for stride, dim in zip(v.patch_stride, v.embed_dim):
+        side //= stride
+        widest = max(widest, side * side * dim)
+    return 8 * ACT * b * widest
+
+
+def _in_flight(stage: int, pp: int, vpp: int, num_microbatches: int | None) -> float:
+    if pp == 1:
+        return 1.0
+    if vpp > 1:
+        n = ((pp - stage - 1) * 2 + (vpp - 1) * pp + 1) / vpp
+    else:
+        n = float(pp - stage)
+    return min(n, num_microbatches) if num_microbatches else n
+
+
+def estimate_memory(
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    micro_batch_size: int,
+    prompt_tokens: int = 128,
+    target_tokens: int = 128,
+    recompute: str | None = None,
+    params_dtype: str = "bf16",
+    num_microbatches: int | None = None,
+    grad_reduce_in_fp32: bool = True,
+    attention: str = "flash",
+) -> dict:
+    """Estimated peak bytes per GPU for each pipeline stage (module docstring: the model).
+
+    Args:
+        model_cfg: the model (preset + overrides; ``vision.image_size`` sets the image tokens).
+        parallel: the layout; ``data_parallel`` must be set (it divides the optimizer state).
+        micro_batch_size: samples per forward.
+        prompt_tokens / target_tokens: padded encoder-prompt / decoder lengths (paper: 128).
+        recompute: None, "selective" or "full" (``TrainConfig.recompute``).
+        params_dtype: "bf16", "fp16" or "fp32".
+        num_microbatches: micro-batches per step and DP rank (caps those in flight); None =
+            at least PP.
+        grad_reduce_in_fp32: fp32 gradient buffer (megatron-core DDP).
+        attention: "flash" (any memory-efficient kernel: flash / TE / flex) or "math".
+
+    Returns:
+        {"layout", "tokens", "stages": [{"stage", "in_flight", "params", "bytes": {component:
+        bytes}, "total"}], "peak_bytes", "peak_stage"} (JSON-serialisable).
+    """
+    if parallel.data_parallel is None:
+        raise ConfigError("ParallelConfig.data_parallel: set it (it divides optimizer state)")
+    if recompute not in (None, "selective", "full"):
+        raise ConfigError(f"recompute: must be None, selective or full, got {recompute!r}")
+    if attention not in ("flash", "math"):
+        raise ConfigError(f"attention: must be 'flash' or 'math', got {attention!r}")
+    if params_dtype not in DTYPE_BYTES:
+        raise ConfigError(f"params_dtype: must be one of {sorted(DTYPE_BYTES)}")
+    tp, pp, dp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.data_parallel
+    vpp = parallel.virtual_pipeline_parallel or 1
+    enc, dec, m = model_cfg.encoder, model_cfg.decoder, micro_batch_size
+    n_img = model_cfg.vision.num_image_tokens
+    sh = MicroBatchShape(m, target_tokens, n_img + prompt_tokens, tp, parallel.sequence_parallel)
+    dec_trains = model_cfg.trainable.decoder_policy(dec.arch) == "all"
+
+    def encoder_layer(rc: str | None) -> float:
+        return bart_layer_bytes(
+            enc,
+            model_cfg.trainable.encoder,
+            sh,
+            sh.se,
+            cross=False,
+            recompute=rc,
+            attention=attention,
+        )
+
+    def decoder_layer(rc: str | None) -> float:
+        if dec.arch == "gemma2":
+            return gemma_layer_bytes(model_cfg, sh, recompute=rc, attention=attention)
+        return bart_layer_bytes(
+            dec, dec_trains, sh, sh.s, cross=True, recompute=rc, attention=attention
+        )
+
+    enc_layer, dec_layer = encoder_layer(recompute), decoder_layer(recompute)
+    # Full recompute rebuilds one layer at a time in backward.
+    working = max(encoder_layer(None), decoder_layer(None)) if recompute == "full" else 0.0
+    softcap = dec.final_logit_softcap is not None
+    logits = sh.s * m * dec.padded_vocab_size(tp) / tp  # elements per micro-batch
+    k_rows = packed_rows(sh.se, enc.hidden_size, dec.hidden_size)
+    packed = ACT * (sh.s / (tp if sh.sp else 1) + k_rows) * m * dec.hidden_size
+    wbytes = DTYPE_BYTES[params_dtype]
+    gbytes = 4 if grad_reduce_in_fp32 else wbytes
+    obytes = 8 if params_dtype == "fp32" else 12
+    stages = []
+    for p, params in enumerate(stage_parameters(model_cfg, parallel)):
+        first, last = p == 0, p == pp - 1
+        layers = dec.num_layers // pp
+        flight = _in_flight(p, pp, vpp, num_microbatches)
+        per_mb = layers * dec_layer + ACT * sh.se * m * enc.hidden_size  # + encoder output
+        if first:
+            emb = (ACT + (enc.dropout > 0)) * enc.hidden_size  # LN input + dropout mask
+            per_mb += enc.num_layers * enc_layer + sh.rows(sh.se, emb, 0)
+            if dec.arch == "bart":
+                per_mb += sh.rows(sh.s, (ACT + (dec.dropout > 0)) * dec.hidden_size, 0)
+        if last:
+            # Gemma final RMSNorm: fp32 input (+ fp32 output when it trains); BART has none.
+            norm = 0 if dec.arch == "bart" else 4 * (1 + dec_trains) * dec.hidden_size
+            per_mb += sh.rows(sh.s, norm + ACT * dec.hidden_size, 0)
+        transient = max(
+            _vision_forward_bytes(model_cfg, m) if first else 0.0,
+            working,
+            ACT * params.largest_trainable,
+            (2 + 2 * softcap) * logits if last else 0.0,
+        )
+        parts = {
+            "weights": (params.trainable + params.frozen) * wbytes,
+            "grads": params.trainable * gbytes,
+            "optimizer": params.trainable * obytes / dp,
+            "activations": flight * per_mb,
+            "pipeline": flight * packed * ((not first) + (not last)),
+            "logits": (4 + 2 * softcap) * logits if last else 0.0,
+            "transient": transient,
+        }
+        parts = {k: math.ceil(v) for k, v in parts.items()}
+        stages.append(
+            {
+                "stage": p,
+                "in_flight": flight,
+                "params": {"trainable": params.trainable, "frozen": params.frozen},
+                "bytes": parts,
+                "total": sum(parts.values()),
+            }
+        )
+    peak = max(stages, key=lambda st: st["total"])
+    return {
+        "preset": model_cfg.name,
+        "layout": {
+            "tensor_parallel": tp,
+            "pipeline_parallel": pp,
+            "virtual_pipeline_parallel": parallel.virtual_pipeline_parallel,
+            "sequence_parallel": parallel.sequence_parallel,
+            "data_parallel": dp,
+        },
+        "micro_batch_size": m,
+        "num_microbatches": num_microbatches,
+        "recompute": recompute,
+        "params_dtype": params_dtype,
+        "attention": attention,
+        "tokens": {"image": n_img, "encoder": sh.se, "decoder": sh.s},
+        "stages": stages,
+        "peak_bytes": peak["total"],
+        "peak_stage": peak["stage"],
+    }
+
+
+def search_layouts(
+    model_cfg: ModelConfig,
+    world_size: int,
+    global_batch_size: int,
+    *,
+    budget_bytes: float,
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+    max_tensor_parallel: int = 8,
+    **kwargs,
+) -> list[dict]:
+    """Layouts of ``world_size`` GPUs whose estimated peak fits ``budget_bytes``, best first.
+
+    For each valid (TP, PP) (SP on whenever TP > 1, no interleaving) and micro-batch size
+    dividing the global batch, the least recompute that fits is kept. Order: fewest
+    model-parallel ranks (TP x PP: least communication), then least recompute, then the
+    largest micro-batch. ``kwargs`` go to :func:`estimate_memory`.
+    """
+    order = {None: 0, "selective": 1, "full": 2}
+    found = []
+    for tp in (d for d in range(1, max_tensor_parallel + 1) if world_size % d == 0):
+        for pp in (d for d in range(1, world_size // tp + 1) if (world_size // tp) % d == 0):
+            dp = world_size // (tp * pp)
+            parallel = ParallelConfig(
+                tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=tp > 1, data_parallel=dp
+            )
+            try:
+                validate_layout(model_cfg, parallel)
+            except ConfigError:
+                continue
+            for mbs in micro_batch_sizes:
+                num_mb, rest = divmod(global_batch_size, mbs * dp)
+                if rest or num_mb < pp:
+                    continue
+                for rc in order:
+                    est = estimate_memory(
+                        model_cfg,
+                        parallel,
+                        micro_batch_size=mbs,
+                        recompute=rc,
+                        num_microbatches=num_mb,
+                        **kwargs,
+                    )
+                    if est["peak_bytes"] <= budget_bytes:
+                        found.append(
+                            {
+                                **est["layout"],
+                                "micro_batch_size": mbs,
+                                "num_microbatches": num_mb,
+                                "recompute": rc,
+                                "peak_bytes": est["peak_bytes"],
+                            }
+                        )
+                        break
+    found.sort(
+        key=lambda r: (
+            r["tensor_parallel"] * r["pipeline_parallel"],
+            order[r["recompute"]],
+            -r["micro_batch_size"],
+        )
+    )
+    return found

@@ -1,0 +1,272 @@
+"""The whole training loop as users run it: ``torchrun -m mmcap.train`` on 2 gloo processes.
+
+- kill -9 of the whole process group after a checkpoint, resume with ``--resume auto``: the
+  per-step losses equal (bit for bit) those of an uninterrupted run;
+- SIGTERM to the process group: every rank checkpoints the current step and exits 0;
+- non-finite losses: steps are skipped and logged, K in a row stop the run (exit 3) without a
+  new checkpoint.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from mmcap.data.testing import write_synthetic_dataset
+
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "train",
+        48,
+        seed=3,
+        prompt_vocab=1000,
+        target_vocab=1000,
+    )
+
+
+def _args(dataset, save, steps, *extra):
+    return [
+        "--preset",
+        "debug-gemma",
+        f"data.train=[{dataset}]",
+        "data.max_prompt_tokens=24",
+        "data.max_target_tokens=24",
+        "data.num_workers=1",
+        f"checkpoint.save={save}",
+        f"train_steps={steps}",
+        "global_batch_size=8",
+        "micro_batch_size=2",
+        "precision.params_dtype=fp32",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=2",
+        "logging.log_interval=1",
+        "logging.tensorboard_dir=",
+        *extra,
+    ]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("RANK", None)
+    return env
+
+
+def _torchrun(nproc, args):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "mmcap.train",
+        *args,
+    ]
+
+
+def _start(cmd, log):
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _run(cmd, log_path, timeout=300):
+    with open(log_path, "w") as log:
+        p = _start(cmd, log)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    return rc, Path(log_path).read_text()
+
+
+def _losses(save) -> dict[int, float]:
+    """Last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (Path(save) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _latest(save) -> str | None:
+    p = Path(save) / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+LAYOUT = ["parallel.pipeline_parallel=2"]  # PP=2 on 2 processes
+
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+    """2N uninterrupted steps at PP=2 (checkpoints every 4 steps)."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
+    rc, out = _run(
+        _torchrun(2, _args(dataset, ref, STEPS, "checkpoint.save_interval=4", *LAYOUT)),
+        ref.parent / "ref.log",
+    )
+    assert rc == 0, out
+    return ref
+
+
+def test_kill9_resume_is_bit_identical(dataset, reference_run, tmp_path):
+    steps = STEPS
+    want = _losses(reference_run)
+    assert sorted(want) == list(range(1, steps + 1))
+
+    run = tmp_path / "run"
+    cmd = _torchrun(2, _args(dataset, run, steps, "checkpoint.save_interval=4", *LAYOUT))
+    with open(tmp_path / "killed.log", "w") as log:
+        p = _start(cmd, log)
+        deadline = time.time() + 240
+        while _latest(run) is None and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, (
+            "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()
+        )
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    killed_at = max(_losses(run))
+    assert killed_at < steps, "killed too late to test a resume"
+    rc, out = _run(cmd + ["--resume", "auto"], tmp_path / "resumed.log")
+    assert rc == 0, out
+    assert "resumed from" in out
+    got = _losses(run)
+    assert got == want  # bit-identical floats, every step
+
+
+def test_sigterm_checkpoints_and_exits_zero(dataset, tmp_path):
+    save = tmp_path / "run"
+    cmd = _torchrun(2, _args(dataset, save, 10_000, "checkpoint.save_interval=0", *LAYOUT))
+    with open(tmp_path / "run.log", "w") as log:
+        p = _start(cmd, log)
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            m = save / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, (tmp_path / "run.log").read_text()
+        os.killpg(p.pid, signal.SIGTERM)  # as Slurm preemption: every process of the job
+        p.wait(timeout=120)
+    out = (tmp_path / "run.log").read_text()
+    last = max(_losses(save))
+    assert _latest(save) == f"step_{last:08d}", out
+    assert out.count("checkpointing step") >= 1, out
+    # both workers exited 0 (torchrun reports failed workers with their exit codes)
+    assert "exitcode" not in out or "exitcode  : 0" in out, out
+    state = json.loads((save / _latest(save) / "train_state.json").read_text())
+    assert state["step"] == last and state["consumed_samples"] == 8 * last
+
+
+def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
+    """LR 1e30 blows the weights up after step 1: later losses are non-finite, skipped and
+    logged; after max_bad_steps in a row the run stops with exit code 3 and writes no new
+    checkpoint (one process, world of one)."""
+    save = tmp_path / "run"
+    args = _args(
+        dataset,
+        save,
+        50,
+        "checkpoint.save_interval=1",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "optim.clip_grad=0",
+        "max_bad_steps=3",
+    )
+    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "run.log")
+    assert rc == 3, out
+    assert "steps in a row had a non-finite loss" in out
+    recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in recs if r.get("skipped_steps")]
+    assert len(skipped) >= 3
+    last_good = max(r["step"] for r in recs if not r.get("skipped_steps"))
+    assert _latest(save) == f"step_{last_good:08d}"
+
+
+def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_path):
+    """The tools read training checkpoints (model + optimizer + RNG state) directly."""
+    ckpt = reference_run / _latest(reference_run)
+    rc, out = _run(
+        [
+            sys.executable,
+            "tools/eval_loss.py",
+            "--ckpt",
+            str(ckpt),
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path / "res.json"),
+        ],
+        tmp_path / "eval.log",
+    )
+    assert rc == 0, out
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert len(res["samples"]) == 203 and all(s["ce"] > 0 for s in res["samples"])
+    rc, out = _run(
+        [
+            sys.executable,
+            "tools/convert_to_hf.py",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        tmp_path / "export.log",
+    )
+    assert rc == 0, out
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path):
+    """fp16: megatron-core's dynamic loss scale starts high; the overflow steps are skipped,
+    logged with the new scale and do NOT count as bad steps; later steps update. bf16 with full
+    recompute trains (one process each)."""
+    save = tmp_path / "fp16"
+    args = _args(
+        dataset,
+        save,
+        14,
+        "checkpoint.save_interval=0",
+        "precision.params_dtype=fp16",
+        "max_bad_steps=2",
+        "data.num_workers=0",
+    )
+    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "fp16.log")
+    assert rc == 0, out
+    assert "fp16 gradient overflow, loss scale now" in out
+    recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in recs]
+    assert scales[-1] < scales[0]
+    assert recs[-1]["skipped_steps"] >= 2 and "grad_norm" in recs[-1]
+
+    save = tmp_path / "bf16"
+    args = _args(
+        dataset,
+        save,
+        3,
+        "checkpoint.save_interval=0",
+        "precision.params_dtype=bf16",
+        "recompute=full",
+        "data.num_workers=0",
+    )
+    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "bf16.log")
+    assert rc == 0, out
+    assert all(math.isfinite(v) for v in _losses(save).values()) and len(_losses(save)) == 3
