@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmcap-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv clean
+.PHONY: test test-fast demo venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ test: $(STAMP)
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The main job end to end on the shipped demo data (CPU, 2 processes): data -> preprocess ->
+# torchrun training at TP=2 with one resume -> CE per split -> Hugging Face export.
+DEMO_OUT ?= demo_out
+demo: $(STAMP)
+	$(PY) tools/demo.py --out $(DEMO_OUT) --fresh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
