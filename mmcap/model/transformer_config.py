@@ -102,6 +102,12 @@ def _transformer_config(
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=False,
         batch_p2p_sync=torch.cuda.is_available(),
+        # PP=2 interleaved: a stage's previous and next stage are the same rank, and batched
+        # p2p posts both directions on one group, so the receiver pairs a gradient with an
+        # activation of the same shape (messages between two ranks match in posting order;
+        # measured on gloo). Unbatched p2p (megatron-core's _p2p_ops) puts the two directions
+        # on two groups (pipeline group and WORLD) when the pipeline group has 2 ranks.
+        batch_p2p_comm=not (parallel.pipeline_parallel == 2 and bool(vpp) and vpp > 1),
         **_recompute_fields(recompute),
     )
     with warnings.catch_warnings():
