@@ -164,12 +164,7 @@ def main(argv=None) -> int:
     print("outputs:")
     for label, path in [
         ("demo data (tars, tokenizers)", out / "data" / "sources"),
-        (
-            "indexed train / eval data",
-            f"{info['datasets']['train']}, {info['datasets']['eval']}"
-            if info.get("datasets")
-            else out / "data",
-        ),
+        ("indexed train / eval data", f"{out / 'data' / 'train'}, {out / 'data' / 'eval'}"),
         ("checkpoints", ckpt),
         ("final checkpoint", final),
         ("metrics (JSON lines)", ckpt / "metrics.jsonl"),

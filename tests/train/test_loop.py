@@ -270,3 +270,25 @@ def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path):
     rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "bf16.log")
     assert rc == 0, out
     assert all(math.isfinite(v) for v in _losses(save).values()) and len(_losses(save)) == 3
+
+
+def test_resume_in_another_layout(dataset, reference_run, tmp_path):
+    """The PP=2 run's step-8 checkpoint continues in ONE process (TP=PP=DP=1): model,
+    optimizer, scheduler and sampler state reshard, so step 9 sees the same batch and weights and
+    its loss equals the reference run's step 9 up to reduction order."""
+    save = tmp_path / "run"
+    args = _args(
+        dataset,
+        save,
+        STEPS,
+        "checkpoint.save_interval=0",
+        "exit_interval=9",
+        f"checkpoint.resume={reference_run / 'step_00000008'}",
+    )
+    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "run.log")
+    assert rc == 0, out
+    assert "resumed from" in out and "layout TP=1 PP=1 DP=1" in out
+    got, want = _losses(save), _losses(reference_run)
+    assert sorted(got) == [9]
+    assert abs(got[9] - want[9]) < 1e-5, (got[9], want[9])
+    assert got[9] != want[8]  # not a re-run of the previous step
