@@ -49,7 +49,7 @@ _CONSOLE_FORMATS = {
     "grad_norm": "grad_norm {:.3f}",
     "tokens_per_s": "{:.0f} tok/s",
     "images_per_s": "{:.1f} img/s",
-    "tflops_per_gpu": "{:.1f} TFLOP/s/GPU",
+    "tflops_per_gpu": "{:.3g} TFLOP/s/GPU",  # 3 significant digits: tiny CPU runs too
     "mfu": "MFU {:.1%}",
     "mem_gib": "mem {:.1f} GiB",
 }
