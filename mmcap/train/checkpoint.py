@@ -119,14 +119,14 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
         # The unwrapped module: the same tensor names as model-only checkpoints (DDP would
         # prefix "module."), so export and eval tools read training checkpoints directly.
         model_sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(c).sharded_state_dict()
-    flat = {}
-    for sd in model_sd.values():
-        flat.update(sd)
+    # The optimizer maps its parameters to the model's sharded tensors by walking this NESTED
+    # dict (as Megatron-LM passes ``{"model0": ..., "model1": ...}``): virtual-pipeline chunks
+    # share local names ("decoder.layers.0..."), so a flat merge would lose all but one chunk.
     with cuda_factories_on_cpu():
         if is_loading:
             _init_states_for_loading(optimizer)
         opt_sd = optimizer.sharded_state_dict(
-            flat, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIM_SHARDING}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIM_SHARDING}
         )
     return {**model_sd, "optimizer": opt_sd, "rng_state": _rng_object()}
 

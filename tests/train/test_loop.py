@@ -292,3 +292,29 @@ def test_resume_in_another_layout(dataset, reference_run, tmp_path):
     assert sorted(got) == [9]
     assert abs(got[9] - want[9]) < 1e-5, (got[9], want[9])
     assert got[9] != want[8]  # not a re-run of the previous step
+
+
+def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path):
+    """checkpoint.load (initial weights) + the interleaved schedule through the CLI: PP=2 with
+    two virtual chunks per stage (4 chunks of 1 layer) and plain PP=2, both starting from the
+    reference run's step-4 weights, compute the same first two steps."""
+    init = reference_run / "step_00000004"
+    losses = {}
+    for name, layout in [("pp2", []), ("vpp2", ["parallel.virtual_pipeline_parallel=2"])]:
+        save = tmp_path / name
+        args = _args(
+            dataset,
+            save,
+            2,
+            "checkpoint.save_interval=0",
+            f"checkpoint.load={init}",
+            *LAYOUT,
+            *layout,
+        )
+        rc, out = _run(_torchrun(2, args), tmp_path / f"{name}.log")
+        assert rc == 0, out
+        assert "initial weights from" in out
+        losses[name] = _losses(save)
+    assert sorted(losses["pp2"]) == [1, 2]
+    for step in (1, 2):
+        assert abs(losses["pp2"][step] - losses["vpp2"][step]) < 1e-5, losses
