@@ -185,6 +185,10 @@ def iterate_batches(
         # "forkserver" when this process may hold threads (compiled kernels, OpenMP pools)
         multiprocessing_context=multiprocessing_context if num_workers else None,
         worker_init_fn=_ignore_termination if num_workers and workers_ignore_sigterm else None,
+        # Its own generator: creating the iterator draws the workers' base seed, which would
+        # otherwise consume the GLOBAL torch RNG (dropout's) at a point that differs between a
+        # fresh and a resumed run; workers use no randomness.
+        generator=torch.Generator().manual_seed(0),
     )
     for pixels, failures in loader:  # DataLoader keeps the sampler's order
         batch = pending.popleft()

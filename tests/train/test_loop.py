@@ -297,24 +297,29 @@ def test_resume_in_another_layout(dataset, reference_run, tmp_path):
 def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path):
     """checkpoint.load (initial weights) + the interleaved schedule through the CLI: PP=2 with
     two virtual chunks per stage (4 chunks of 1 layer) and plain PP=2, both starting from the
-    reference run's step-4 weights, compute the same first two steps."""
+    reference run's step-4 weights, compute the same 4 steps; the interleaved run stops at
+    step 2 (exit_interval, a training checkpoint of 2 x 2 chunks) and resumes from it."""
     init = reference_run / "step_00000004"
-    losses = {}
-    for name, layout in [("pp2", []), ("vpp2", ["parallel.virtual_pipeline_parallel=2"])]:
-        save = tmp_path / name
-        args = _args(
-            dataset,
-            save,
-            2,
-            "checkpoint.save_interval=0",
-            f"checkpoint.load={init}",
-            *LAYOUT,
-            *layout,
-        )
-        rc, out = _run(_torchrun(2, args), tmp_path / f"{name}.log")
-        assert rc == 0, out
-        assert "initial weights from" in out
-        losses[name] = _losses(save)
-    assert sorted(losses["pp2"]) == [1, 2]
-    for step in (1, 2):
-        assert abs(losses["pp2"][step] - losses["vpp2"][step]) < 1e-5, losses
+    common = ["checkpoint.save_interval=0", f"checkpoint.load={init}", *LAYOUT]
+    rc, out = _run(_torchrun(2, _args(dataset, tmp_path / "pp2", 4, *common)), tmp_path / "pp2.log")
+    assert rc == 0, out
+    assert "initial weights from" in out
+    want = _losses(tmp_path / "pp2")
+    vpp = _args(
+        dataset,
+        tmp_path / "vpp2",
+        4,
+        *common,
+        "parallel.virtual_pipeline_parallel=2",
+        "exit_interval=2",
+    )
+    rc, out = _run(_torchrun(2, vpp), tmp_path / "vpp2.log")
+    assert rc == 0, out
+    assert sorted(_losses(tmp_path / "vpp2")) == [1, 2]
+    rc, out = _run(_torchrun(2, vpp + ["--resume", "auto"]), tmp_path / "vpp2b.log")
+    assert rc == 0, out
+    assert "resumed from" in out
+    got = _losses(tmp_path / "vpp2")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-5, (step, got, want)
