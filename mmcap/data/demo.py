@@ -155,62 +155,19 @@ def demo_corpus(images: list[DemoImage]) -> list[str]:
 
 
 def build_demo_gemma_tokenizer(out_dir: str | Path, corpus: list[str]) -> Path:
-    """SentencePiece BPE of exactly :data:`GEMMA_VOCAB_SIZE` pieces on ``corpus``, with the
-    layout of :func:`mmcap.data.testing.build_tiny_gemma_tokenizer` (Gemma-2's special ids,
-    byte fallback so any character encodes); returns the ``tokenizer.model`` path."""
-    import sentencepiece as spm
+    """SentencePiece BPE of exactly :data:`GEMMA_VOCAB_SIZE` pieces on ``corpus``
+    (:func:`mmcap.data.testing.build_tiny_gemma_tokenizer`); returns the model path."""
+    from mmcap.data.testing import build_tiny_gemma_tokenizer
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        vocab_size=GEMMA_VOCAB_SIZE,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        byte_fallback=True,
-        # Gemma-2's normalizer: identity, no dummy prefix, whitespace kept, digits split.
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        num_threads=1,  # one thread: the merges do not depend on scheduling
-        minloglevel=2,
-    )
-    path = out / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return build_tiny_gemma_tokenizer(out_dir, GEMMA_VOCAB_SIZE, corpus=corpus)
 
 
 def build_demo_encoder_tokenizer(out_dir: str | Path, corpus: list[str]) -> Path:
-    """Byte-level BPE of at most :data:`ENCODER_VOCAB_SIZE` tokens on ``corpus``, in the
-    Florence-2 / BART layout of :func:`mmcap.data.testing.build_tiny_bart_tokenizer`
-    (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4); returns the directory."""
-    from tokenizers import ByteLevelBPETokenizer
+    """Byte-level BPE of at most :data:`ENCODER_VOCAB_SIZE` tokens on ``corpus``, BART layout
+    (:func:`mmcap.data.testing.build_tiny_bart_tokenizer`); returns the directory."""
+    from mmcap.data.testing import build_tiny_bart_tokenizer
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        corpus,
-        vocab_size=ENCODER_VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        show_progress=False,
-    )
-    bpe.save_model(str(out))  # vocab.json + merges.txt
-    config = {"tokenizer_class": "BartTokenizer", "model_max_length": 1024}
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return out
+    return build_tiny_bart_tokenizer(out_dir, ENCODER_VOCAB_SIZE, corpus=corpus)
 
 
 def demo_source_paths(root: str | Path) -> dict:

@@ -51,15 +51,18 @@ def _corpus(seed: int, n: int = 2000) -> list[str]:
     return lines
 
 
-def build_tiny_gemma_tokenizer(out_dir: str | Path, vocab_size: int = 600, seed: int = 0) -> Path:
-    """Train a tiny Gemma-like SentencePiece model; returns the ``tokenizer.model`` path."""
+def build_tiny_gemma_tokenizer(
+    out_dir: str | Path, vocab_size: int = 600, seed: int = 0, corpus: list[str] | None = None
+) -> Path:
+    """Train a tiny Gemma-like SentencePiece model (Gemma-2's special ids, byte fallback) on
+    ``corpus`` (default: random sentences from ``seed``); returns the ``tokenizer.model`` path."""
     import sentencepiece as spm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)),
+        sentence_iterator=iter(_corpus(seed) if corpus is None else corpus),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -86,15 +89,18 @@ def build_tiny_gemma_tokenizer(out_dir: str | Path, vocab_size: int = 600, seed:
     return path
 
 
-def build_tiny_bart_tokenizer(out_dir: str | Path, vocab_size: int = 500, seed: int = 0) -> Path:
-    """Train a tiny byte-level BPE in the BART layout; returns the directory."""
+def build_tiny_bart_tokenizer(
+    out_dir: str | Path, vocab_size: int = 500, seed: int = 0, corpus: list[str] | None = None
+) -> Path:
+    """Train a tiny byte-level BPE in the BART layout on ``corpus`` (default: random sentences
+    from ``seed``); returns the directory."""
     from tokenizers import ByteLevelBPETokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        _corpus(seed),
+        _corpus(seed) if corpus is None else corpus,
         vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -29,12 +28,12 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mmcap.config import ConfigError
 from mmcap.train.config import TrainConfig
+from mmcap.train.data import current_device
 
 log = logging.getLogger("mmcap.train")
 
@@ -43,7 +42,7 @@ EXIT_BAD_STEPS = 3
 
 
 class _SignalFlag:
-    """Remembers a SIGTERM; :meth:`any_rank` asks the whole world (collective)."""
+    """Remembers a SIGTERM (the loop asks every rank with one all-reduce per step)."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.received: int | None = None
@@ -52,23 +51,9 @@ class _SignalFlag:
     def _handler(self, signum, _frame):
         self.received = signum
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=_device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
-
-
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else (torch.device("cpu"))
-    )
 
 
 def _is_log_rank() -> bool:
@@ -148,133 +133,9 @@ def build_scheduler(cfg: TrainConfig, optimizer):
     )
 
 
-class BatchSource:
-    """This rank's batches, each split into the step's micro-batches.
-
-    Non-first pipeline stages do not decode images (they only need the shapes and the
-    image mask); with a feature cache, cached vision features replace pixels.
-    """
-
-    def __init__(
-        self, cfg: TrainConfig, model_cfg, *, needs_pixels: bool, dp_rank: int, dp_size: int
-    ):
-        from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
-        from mmcap.data.features import FeatureStore
-        from mmcap.data.indexed import CaptionDataset
-        from mmcap.data.sampler import GroupIndex, TaskLangSampler
-
-        d = cfg.data
-        if not d.train:
-            raise ConfigError("data.train: no training dataset given (data.train=[DIR, ...])")
-        self.datasets = [CaptionDataset(p) for p in d.train]
-        self.num_microbatches = cfg.num_microbatches(dp_size)
-        self.micro_batch_size = cfg.micro_batch_size
-        self.num_image_tokens = model_cfg.vision.num_image_tokens
-        tp = cfg.parallel.tensor_parallel
-        pad_multiple = (
-            math.lcm(d.pad_multiple, tp) if cfg.parallel.sequence_parallel else (d.pad_multiple)
-        )
-        self.batch_cfg = BatchConfig(
-            max_prompt_tokens=d.max_prompt_tokens,
-            max_target_tokens=d.max_target_tokens,
-            pad_multiple=pad_multiple,
-        )
-        self.sampler = TaskLangSampler(
-            [GroupIndex.from_dataset(ds) for ds in self.datasets],
-            SamplerConfig(
-                balancing=d.balancing,
-                target=d.target,
-                dataset_weights=tuple(d.weights) if d.weights else None,
-                global_batch_size=cfg.global_batch_size,
-                data_parallel_size=dp_size,
-                data_parallel_rank=dp_rank,
-                seed=cfg.seed,
-            ),
-        )
-        self.features = None
-        self.image_cfg = None
-        if needs_pixels and d.features:
-            self.features = [FeatureStore(p, ds) for p, ds in zip(d.features, self.datasets)]
-        elif needs_pixels:
-            self.image_cfg = ImageConfig(
-                size=model_cfg.vision.image_size,
-                backend=d.image_backend,
-                device="cuda" if torch.cuda.is_available() else "cpu",
-            )
-        self.num_workers = d.num_workers
-        self._it = None
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def _iterator(self):
-        from mmcap.data.loader import iterate_batches
-
-        return iterate_batches(
-            self.datasets,
-            self.sampler,
-            self.batch_cfg,
-            self.image_cfg,
-            num_workers=self.num_workers,
-            features=self.features,
-            multiprocessing_context="forkserver" if self.num_workers else None,
-            workers_ignore_sigterm=True,
-        )
-
-    def next(self):
-        """(micro-batches, CaptionBatch) of the next step."""
-        from mmcap.train.step import MicroBatch
-
-        if self._it is None:
-            self._it = self._iterator()
-        batch = next(self._it)
-        t = batch.tokens
-        dev = _device()
-        has_image = torch.from_numpy(batch.image >= 0)
-        any_image = bool(has_image.any())
-        n_img = self.num_image_tokens if any_image else 0
-        mixed = any_image and not bool(has_image.all())
-        key = torch.from_numpy(np.asarray(batch.key, dtype=np.int64))
-        pixels = batch.pixels if any_image else None
-        feats = batch.features if any_image else None
-        mbs = []
-        m = self.micro_batch_size
-        for i in range(self.num_microbatches):
-            sl = slice(i * m, (i + 1) * m)
-            mbs.append(
-                MicroBatch(
-                    prompt_ids=t.encoder_input_ids[sl].to(dev),
-                    prompt_mask=t.encoder_attention_mask[sl].to(dev),
-                    decoder_input_ids=t.decoder_input_ids[sl].to(dev),
-                    labels=t.labels[sl].to(dev),
-                    pixel_values=pixels[sl].to(dev) if pixels is not None else None,
-                    image_tokens=feats[sl].to(dev) if feats is not None else None,
-                    num_image_tokens=n_img,
-                    has_image=has_image[sl].to(dev) if mixed else None,
-                    key=key[sl].to(dev),
-                )
-            )
-        return mbs, batch
-
-
-def _step_counts(batch, model_cfg, count_vision: bool) -> torch.Tensor:
-    """[samples, images, model FLOPs] of this rank's batch (real lengths, not padding)."""
-    from mmcap.train.flops import batch_step_flops
-
-    t = batch.tokens
-    p_len = t.encoder_attention_mask.sum(1).tolist()
-    t_len = t.decoder_attention_mask.sum(1).tolist()
-    has_image = (batch.image >= 0).tolist()
-    flops = batch_step_flops(model_cfg, p_len, t_len, has_image, count_vision=count_vision)
-    return torch.tensor([len(p_len), sum(has_image), flops], dtype=torch.float64)
-
-
 def _elapsed_minutes(start: float) -> float:
     """Minutes since ``start``, the maximum over ranks (all ranks take the same decision)."""
-    t = torch.tensor([(time.time() - start) / 60.0], dtype=torch.float64, device=_device())
+    t = torch.tensor([(time.time() - start) / 60.0], dtype=torch.float64, device=current_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
@@ -318,6 +179,7 @@ def train(cfg: TrainConfig) -> int:
     from mmcap.checkpoint import load_model_checkpoint
     from mmcap.parallel import initialize_model_parallel
     from mmcap.train.checkpoint import load_train_state, save_train_state
+    from mmcap.train.data import BatchSource, StepCounter
     from mmcap.train.flops import mfu, peak_tflops
     from mmcap.train.logger import MetricsLogger, memory_stats
     from mmcap.train.step import build_optimizer, train_step, wrap_model
@@ -338,6 +200,8 @@ def train(cfg: TrainConfig) -> int:
     optimizer = build_optimizer(ddp, optimizer_config(cfg))
     scheduler = build_scheduler(cfg, optimizer)
     first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    # A feature cache replaces the vision tower: its FLOPs are not spent.
+    step_counts = StepCounter(model_cfg, count_vision=not cfg.data.features)
     data = BatchSource(cfg, model_cfg, needs_pixels=first_stage, dp_rank=dp_rank, dp_size=dp_size)
 
     step, consumed, skipped_total = 0, 0, 0
@@ -458,19 +322,20 @@ def train(cfg: TrainConfig) -> int:
             mbs, batch = data.next()
             t_data = time.perf_counter() - t0
             res = train_step(ddp, optimizer, mbs, encoder_hidden=model_cfg.encoder.hidden_size)
-            # A feature cache replaces the vision tower: its FLOPs are not spent.
-            counts = _step_counts(batch, model_cfg, not cfg.data.features).to(_device())
+            counts = step_counts(batch).to(current_device())
             if dist.is_initialized():
                 dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
             samples, images, flops = counts.tolist()
-            # Images that failed to decode (blank instead; first-stage ranks decode, every TP
-            # rank of a replica the same batch): summed over the world, per replica.
-            failures = torch.tensor([float(batch.decode_failures)], device=_device())
+            # One world all-reduce: images that failed to decode (blank instead; first-stage
+            # ranks decode, every TP rank of a replica the same batch) and SIGTERM on any rank.
+            world_flags = torch.tensor(
+                [float(batch.decode_failures), float(flag.received is not None)],
+                device=current_device(),
+            )
             if dist.is_initialized():
-                dist.all_reduce(failures)
-            decode_failures += int(failures.item()) // cfg.parallel.tensor_parallel
-            if cfg.precision.params_dtype != "fp32" and torch.cuda.is_available():
-                torch.cuda.synchronize()
+                dist.all_reduce(world_flags)
+            decode_failures += int(world_flags[0].item()) // cfg.parallel.tensor_parallel
+            terminate = bool(world_flags[1].item() > 0)
             dt = time.perf_counter() - t0
             step += 1
             consumed += int(samples)
@@ -536,7 +401,7 @@ def train(cfg: TrainConfig) -> int:
                 log.error(msg)
                 exit_code = EXIT_BAD_STEPS
                 break
-            if flag.any_rank():  # preemption: save now, no validation first
+            if terminate:  # preemption: save now, no validation first
                 log.info("signal %s: checkpointing step %d and exiting", flag.received, step)
                 save("signal")
                 break

@@ -1,0 +1,158 @@
+"""This rank's training batches for :mod:`mmcap.train.loop`: sampler -> padded local batch
+-> the step's micro-batches, plus the step's sample / image / model-FLOP counts."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from mmcap.config import ConfigError
+from mmcap.train.config import TrainConfig
+
+
+def current_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class BatchSource:
+    """This rank's batches, each split into the step's micro-batches.
+
+    Non-first pipeline stages do not decode images (they only need the shapes and the
+    image mask); with a feature cache, cached vision features replace pixels.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, model_cfg, *, needs_pixels: bool, dp_rank: int, dp_size: int
+    ):
+        from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
+        from mmcap.data.features import FeatureStore
+        from mmcap.data.indexed import CaptionDataset
+        from mmcap.data.sampler import GroupIndex, TaskLangSampler
+
+        d = cfg.data
+        if not d.train:
+            raise ConfigError("data.train: no training dataset given (data.train=[DIR, ...])")
+        self.datasets = [CaptionDataset(p) for p in d.train]
+        self.num_microbatches = cfg.num_microbatches(dp_size)
+        self.micro_batch_size = cfg.micro_batch_size
+        self.num_image_tokens = model_cfg.vision.num_image_tokens
+        tp = cfg.parallel.tensor_parallel
+        pad_multiple = (
+            math.lcm(d.pad_multiple, tp) if cfg.parallel.sequence_parallel else (d.pad_multiple)
+        )
+        self.batch_cfg = BatchConfig(
+            max_prompt_tokens=d.max_prompt_tokens,
+            max_target_tokens=d.max_target_tokens,
+            pad_multiple=pad_multiple,
+        )
+        self.sampler = TaskLangSampler(
+            [GroupIndex.from_dataset(ds) for ds in self.datasets],
+            SamplerConfig(
+                balancing=d.balancing,
+                target=d.target,
+                dataset_weights=tuple(d.weights) if d.weights else None,
+                global_batch_size=cfg.global_batch_size,
+                data_parallel_size=dp_size,
+                data_parallel_rank=dp_rank,
+                seed=cfg.seed,
+            ),
+        )
+        self.features = None
+        self.image_cfg = None
+        if needs_pixels and d.features:
+            self.features = [FeatureStore(p, ds) for p, ds in zip(d.features, self.datasets)]
+        elif needs_pixels:
+            self.image_cfg = ImageConfig(
+                size=model_cfg.vision.image_size,
+                backend=d.image_backend,
+                device="cuda" if torch.cuda.is_available() else "cpu",
+            )
+        self.num_workers = d.num_workers
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def _iterator(self):
+        from mmcap.data.loader import iterate_batches
+
+        return iterate_batches(
+            self.datasets,
+            self.sampler,
+            self.batch_cfg,
+            self.image_cfg,
+            num_workers=self.num_workers,
+            features=self.features,
+            multiprocessing_context="forkserver" if self.num_workers else None,
+            workers_ignore_sigterm=True,
+        )
+
+    def next(self):
+        """(micro-batches, CaptionBatch) of the next step."""
+        from mmcap.train.step import MicroBatch
+
+        if self._it is None:
+            self._it = self._iterator()
+        batch = next(self._it)
+        t = batch.tokens
+        dev = current_device()
+        has_image = torch.from_numpy(batch.image >= 0)
+        any_image = bool(has_image.any())
+        n_img = self.num_image_tokens if any_image else 0
+        mixed = any_image and not bool(has_image.all())
+        key = torch.from_numpy(np.asarray(batch.key, dtype=np.int64))
+        pixels = batch.pixels if any_image else None
+        feats = batch.features if any_image else None
+        mbs = []
+        m = self.micro_batch_size
+        for i in range(self.num_microbatches):
+            sl = slice(i * m, (i + 1) * m)
+            mbs.append(
+                MicroBatch(
+                    prompt_ids=t.encoder_input_ids[sl].to(dev),
+                    prompt_mask=t.encoder_attention_mask[sl].to(dev),
+                    decoder_input_ids=t.decoder_input_ids[sl].to(dev),
+                    labels=t.labels[sl].to(dev),
+                    pixel_values=pixels[sl].to(dev) if pixels is not None else None,
+                    image_tokens=feats[sl].to(dev) if feats is not None else None,
+                    num_image_tokens=n_img,
+                    has_image=has_image[sl].to(dev) if mixed else None,
+                    key=key[sl].to(dev),
+                )
+            )
+        return mbs, batch
+
+
+class StepCounter:
+    """[samples, images, model FLOPs] of a local batch (real lengths, not padding).
+
+    :func:`mmcap.train.flops.step_flops` per sample, cached by (prompt length, target length,
+    has image): lengths are bounded by the crop lengths, so the per-step cost is a few dict
+    lookups instead of a per-layer sum for every sample.
+
+    Args:
+        count_vision: False with a feature cache (the vision tower does not run).
+    """
+
+    def __init__(self, model_cfg, count_vision: bool):
+        from mmcap.train.flops import step_flops
+
+        self._flops = functools.lru_cache(maxsize=None)(
+            lambda p, t, img: step_flops(model_cfg, p, t, img, count_vision=count_vision)
+        )
+
+    def __call__(self, batch) -> torch.Tensor:
+        t = batch.tokens
+        p_len = t.encoder_attention_mask.sum(1).tolist()
+        t_len = t.decoder_attention_mask.sum(1).tolist()
+        has_image = (batch.image >= 0).tolist()
+        flops = sum(self._flops(p, n, i) for p, n, i in zip(p_len, t_len, has_image))
+        return torch.tensor([len(p_len), sum(has_image), flops], dtype=torch.float64)
