@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmcap.config import ConfigError
+from mmcap.config.constants import DEFAULT_SEED, IGNORE_INDEX
+from mmcap.config.errors import require
 from mmcap.data.prompts import ALL_KEYS, FINETUNING_KEYS, PRETRAINING_KEYS
-
-
-def _require(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
 
 
 def _positive_int(obj, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _require(
+        require(
             isinstance(v, int) and not isinstance(v, bool) and v > 0,
             f"{type(obj).__name__}.{n}",
             f"must be a positive integer, got {v!r}",
@@ -79,43 +75,43 @@ class SamplerConfig:
     global_batch_size: int = 1024
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         name = "SamplerConfig"
         if self.balancing == "custom":
-            _require(bool(self.target), f"{name}.target", "balancing='custom' needs a target dict")
+            require(bool(self.target), f"{name}.target", "balancing='custom' needs a target dict")
         else:
-            _require(
+            require(
                 self.balancing in BALANCING_PRESETS,
                 f"{name}.balancing",
                 f"unknown preset {self.balancing!r}; use one of "
                 f"{sorted(BALANCING_PRESETS)} or 'custom' with a target",
             )
-            _require(
+            require(
                 self.target is None,
                 f"{name}.target",
                 "only used with balancing='custom'; set it to None",
             )
         for k, w in (self.target or {}).items():
-            _require(k in ALL_KEYS, f"{name}.target", f"unknown key {k!r}; keys are {ALL_KEYS}")
-            _require(w >= 0, f"{name}.target", f"weight of {k!r} must be >= 0, got {w}")
+            require(k in ALL_KEYS, f"{name}.target", f"unknown key {k!r}; keys are {ALL_KEYS}")
+            require(w >= 0, f"{name}.target", f"weight of {k!r} must be >= 0, got {w}")
         if self.target:
-            _require(sum(self.target.values()) > 0, f"{name}.target", "weights sum to 0")
+            require(sum(self.target.values()) > 0, f"{name}.target", "weights sum to 0")
         if self.dataset_weights is not None:
-            _require(
+            require(
                 all(w >= 0 for w in self.dataset_weights) and sum(self.dataset_weights) > 0,
                 f"{name}.dataset_weights",
                 "must be non-negative with a positive sum",
             )
         _positive_int(self, "global_batch_size", "data_parallel_size")
-        _require(
+        require(
             self.global_batch_size % self.data_parallel_size == 0,
             f"{name}.global_batch_size",
             f"{self.global_batch_size} is not divisible by data_parallel_size "
             f"{self.data_parallel_size}",
         )
-        _require(
+        require(
             0 <= self.data_parallel_rank < self.data_parallel_size,
             f"{name}.data_parallel_rank",
             f"must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}",
@@ -153,11 +149,11 @@ class BatchConfig:
     encoder_pad_id: int = 1
     decoder_pad_id: int = 0
     decoder_start_id: int = 1
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "pad_multiple")
-        _require(
+        require(
             self.pad_to in ("longest", "max"),
             "BatchConfig.pad_to",
             f"must be 'longest' or 'max', got {self.pad_to!r}",
@@ -185,12 +181,12 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "size")
-        _require(
+        require(
             self.backend in ("pil", "torchvision", "dali", "auto"),
             "ImageConfig.backend",
             f"must be one of pil, torchvision, dali, auto; got {self.backend!r}",
         )
-        _require(
+        require(
             len(self.mean) == 3 and len(self.std) == 3 and all(s > 0 for s in self.std),
             "ImageConfig.std",
             "mean and std need 3 values, std > 0",

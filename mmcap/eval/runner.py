@@ -39,7 +39,7 @@ def build_eval_model(
             model pretrained at 224; the vision config is validated for it).
     """
     from mmcap.checkpoint import load_model_checkpoint, read_checkpoint_info
-    from mmcap.model.build import build_model
+    from mmcap.model.build import build_model_chunks
 
     model_cfg, _ = read_checkpoint_info(ckpt_dir)
     if image_size is not None and image_size != model_cfg.vision.image_size:
@@ -47,11 +47,7 @@ def build_eval_model(
             model_cfg, vision=dataclasses.replace(model_cfg.vision, image_size=image_size)
         )
     precision = precision or PrecisionConfig("fp32")
-    vpp = parallel.virtual_pipeline_parallel
-    stages = list(range(vpp)) if vpp and vpp > 1 else [None]
-    chunks = [build_model(model_cfg, parallel, precision, vp_stage=v) for v in stages]
-    if torch.cuda.is_available():
-        chunks = [c.cuda() for c in chunks]
+    chunks = build_model_chunks(model_cfg, parallel, precision)
     load_model_checkpoint(chunks, ckpt_dir)
     return chunks, model_cfg
 

@@ -22,11 +22,10 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from mmcap.config import DecoderConfig
+from mmcap.config import IGNORE_INDEX, DecoderConfig
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.sharded import stack_sharded_state_dict
 
-IGNORE_INDEX = -100  # label value excluded from the loss (HF / PyTorch convention)
 
 
 class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):

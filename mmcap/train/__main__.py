@@ -20,7 +20,7 @@ import json
 import sys
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m mmcap.train",
         description=__doc__,
@@ -34,21 +34,34 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--print-config", action="store_true", help="print the config and exit")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 train_steps=10")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from mmcap.config import ConfigError
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of parsed command-line arguments (raises ConfigError)."""
     from mmcap.train.config import load_train_config
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    return load_train_config(args.preset, args.config, overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmcap.config import ConfigError
+
     try:
-        cfg = load_train_config(args.preset, args.config, overrides)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"mmcap.train: configuration error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        from mmcap.config.serialize import model_config_to_dict
+
+        # The resolved model (preset + overrides) in place of the overrides: a valid config.
+        resolved = {**cfg.to_dict(), "model": model_config_to_dict(cfg.model_config())}
+        print(json.dumps(resolved, indent=2))
         return 0
     from mmcap.train.loop import run
 

@@ -122,7 +122,7 @@ def test_stage_chaining_equals_whole_model(single_rank_parallel_state, preset):
     out = last(None, dec, labels=labels, encoder_mask=enc_mask)
     assert torch.allclose(out, ref, atol=1e-6, rtol=0)
     out.sum().backward()
-    from mmcap.model.captioner import packed_rows, unpack_stage_input
+    from mmcap.model.stage_io import packed_rows, unpack_stage_input
 
     k = packed_rows(enc.shape[0], enc.shape[2], cfg.decoder.hidden_size)
     enc_grad = packed_in.grad[-k:]

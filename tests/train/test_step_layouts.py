@@ -34,7 +34,7 @@ def _cfg(preset, layers=None):
 
 def _batch(cfg):
     from mmcap.model.decoder_base import IGNORE_INDEX
-    from mmcap.train.step import MicroBatch
+    from mmcap.model.stage_io import MicroBatch
 
     g = torch.Generator().manual_seed(3)
     out = []
@@ -110,7 +110,7 @@ def _step(preset, tp, pp, sp=False, distributed_optimizer=False, vpp=None, layer
         for n, p in m.named_parameters()
         if p.requires_grad
     }
-    return stats["loss"], after
+    return stats.loss, after
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,148 @@
+"""When a training run saves, what it resumes from, and pruning: the :class:`Checkpointer`.
+
+The storage format (megatron-core dist checkpoints, ``step_N.partial`` -> ``step_N``, the
+atomic ``latest`` pointer) lives in :mod:`mmcap.train.checkpoint`; this module owns the ONE
+save policy (:meth:`Checkpointer.should_save`):
+
+- ``interval``: every ``checkpoint.save_interval`` steps, unless the current step is part of a
+  run of non-finite steps (``bad_in_row > 0``): a run that then stops for bad steps keeps
+  ``latest`` on the last good step;
+- ``signal`` / ``exit`` / ``end``: the run stops (SIGTERM / SIGINT, ``exit_interval`` or
+  ``exit_duration_minutes``, the last step): always saved. A skipped update leaves the
+  weights of the last good step, so this state is finite and resumable;
+- ``bad_stop``: ``max_bad_steps`` non-finite steps in a row: never saved;
+- a step is never saved twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mmcap.config import ConfigError
+from mmcap.train.config import CheckpointConfig
+from mmcap.train.state import TrainState
+
+log = logging.getLogger("mmcap.train")
+
+EVENTS = ("interval", "signal", "exit", "end", "bad_stop")
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class Checkpointer:
+    """Saves, prunes and resumes the training state of one run.
+
+    Args:
+        cfg: the run's ``checkpoint`` section.
+        model_cfg: written next to every checkpoint (``mmcap_model.json``).
+        chunks / optimizer / scheduler: this rank's DDP chunks, megatron-core optimizer and
+            LR scheduler.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, model_cfg, chunks, optimizer, scheduler):
+        self.cfg = cfg
+        self.save_dir = Path(cfg.save) if cfg.save else None
+        self.model_cfg = model_cfg
+        self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
+        self.last_saved_step: int | None = None
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to continue from (``checkpoint.resume``), or None for a fresh run."""
+        return resolve_resume(self.cfg)
+
+    def resume(self, data) -> TrainState | None:
+        """Load the resume checkpoint (if any) into model, optimizer, scheduler and ``data``;
+        returns its state, or None for a fresh run."""
+        from mmcap.train.checkpoint import load_train_state
+
+        path = self.resume_path()
+        if path is None:
+            return None
+        raw = load_train_state(path, self.chunks, self.optimizer, self.scheduler)
+        state = TrainState.from_state_dict(raw)
+        data.load_state_dict(state.sampler)
+        self.last_saved_step = state.step
+        log.info(
+            "resumed from %s at step %d (%d samples seen)", path, state.step, state.consumed_samples
+        )
+        return state
+
+    # -- save -------------------------------------------------------------------------------
+
+    def should_save(self, state: TrainState, event: str) -> bool:
+        """The save policy (module docstring)."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown checkpoint event {event!r}; one of {EVENTS}")
+        if self.save_dir is None or state.step == self.last_saved_step or event == "bad_stop":
+            return False
+        if event == "interval":
+            interval = self.cfg.save_interval
+            return bool(interval) and state.step % interval == 0 and state.bad_in_row == 0
+        return True
+
+    def maybe_save(self, state: TrainState, event: str) -> bool:
+        """Save if the policy says so; returns whether it saved."""
+        if not self.should_save(state, event):
+            return False
+        self.save(state, event)
+        return True
+
+    def save(self, state: TrainState, reason: str) -> Path:
+        from mmcap.train.checkpoint import save_train_state
+
+        t0 = time.perf_counter()
+        path = save_train_state(
+            self.save_dir,
+            state.step,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            self.model_cfg,
+            extra={k: v for k, v in state.state_dict().items() if k != "step"},
+        )
+        self.last_saved_step = state.step
+        self._prune()
+        log.info(
+            "saved step %d (%s) to %s in %.1f s",
+            state.step,
+            reason,
+            self.save_dir,
+            time.perf_counter() - t0,
+        )
+        return path
+
+    def _prune(self) -> None:
+        keep = self.cfg.keep_last
+        if keep is None or not _rank0():
+            return
+        steps = sorted(p for p in self.save_dir.glob("step_*") if p.is_dir() and "." not in p.name)
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(cfg: CheckpointConfig) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: "auto" = ``save``/latest if any, "none" = None,
+    else a checkpoint directory or a run directory (its ``latest``)."""
+    from mmcap.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    r = cfg.resume
+    if r in (None, "none", "no", False):
+        return None
+    if r == "auto":
+        return latest_checkpoint(cfg.save) if cfg.save else None
+    path = Path(r)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ConfigError(f"checkpoint.resume: {path} is not a training checkpoint")
+    return latest
