@@ -96,9 +96,17 @@ def load_model_checkpoint(
     embedding lives in different chunks on the first and last stage). Keys ``chunk{i}`` nest
     the chunks as Megatron-LM's ``model{i}``.
     """
+    from mmcap.checkpoint.integrity import check_fits
+
     read_checkpoint_info(ckpt_dir)  # fails early with a clear message
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     chunks = [getattr(c, "module", c) for c in chunks]  # DDP-wrapped chunks
+    if strict:  # a checkpoint that does not fit is an error naming tensors and config fields
+        check_fits(
+            {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)},
+            ckpt_dir,
+            getattr(chunks[0], "model_config", None),
+        )
     # A training checkpoint (mmcap.train.checkpoint) also holds optimizer / RNG state: its
     # non-sharded ("common") part comes back merged into the result, so keep only our keys.
     if len(chunks) == 1:

@@ -44,9 +44,12 @@ def _teardown_model_parallel() -> None:
 def train_in_process(argv: list[str]) -> tuple[int, str]:
     """``python -m mmcap.train ARGV`` on this rank of the pool: (exit code, log text).
 
-    Configuration errors return 2 with the message in the text, as the CLI does."""
+    Configuration errors return 2 and checkpoint errors 4, with the message in the text, as the
+    CLI does."""
+    from mmcap.checkpoint.integrity import CheckpointError
     from mmcap.config import ConfigError
     from mmcap.train.__main__ import config_from_args, parse_args
+    from mmcap.train.checkpoint import CheckpointSaveError
     from mmcap.train.loop import train
 
     with _captured_logs() as buf:
@@ -56,6 +59,9 @@ def train_in_process(argv: list[str]) -> tuple[int, str]:
         except ConfigError as e:
             buf.write(f"mmcap.train: configuration error: {e}\n")
             code = 2
+        except (CheckpointError, CheckpointSaveError) as e:
+            buf.write(f"mmcap.train: checkpoint error: {e}\n")
+            code = 4
         finally:
             _teardown_model_parallel()
     return code, buf.getvalue()

@@ -11,8 +11,9 @@ Examples::
     torchrun ... -m mmcap.train ... --resume auto
 
 Configuration keys: ``mmcap/train/config.py`` (TrainConfig); ``--print-config`` shows the
-resolved configuration and exits. Exit codes: 0 done (or checkpointed after SIGTERM), 2 bad
-configuration, 3 stopped after ``max_bad_steps`` non-finite steps in a row.
+resolved configuration and exits. Exit codes: 0 done (or checkpointed after SIGTERM / SIGINT),
+2 bad configuration, 3 stopped after ``max_bad_steps`` non-finite steps in a row, 4 a checkpoint
+could not be saved (disk full, ...) or read (damaged, does not fit the model).
 """
 
 import argparse
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
         resolved = {**cfg.to_dict(), "model": model_config_to_dict(cfg.model_config())}
         print(json.dumps(resolved, indent=2))
         return 0
+    from mmcap.checkpoint.integrity import CheckpointError
+    from mmcap.train.checkpoint import CheckpointSaveError
     from mmcap.train.loop import run
 
     try:
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"mmcap.train: configuration error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, CheckpointSaveError) as e:
+        print(f"mmcap.train: checkpoint error: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     from mmcap.checkpoint import load_model_checkpoint
     from mmcap.model.build import build_model_chunks
     from mmcap.parallel import initialize_model_parallel
-    from mmcap.train.checkpointer import Checkpointer, resolve_resume
+    from mmcap.train.checkpointer import Checkpointer, decide_resume, resolve_load
     from mmcap.train.data import BatchSource, StepCounter
     from mmcap.train.flops import peak_tflops
     from mmcap.train.logger import MetricsLogger
@@ -109,11 +109,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     cfg.num_microbatches(dp_size)  # validate the batch layout before building anything
+    resume_from = decide_resume(cfg.checkpoint)  # before any heavy work
+    load = resolve_load(cfg.checkpoint.load) if resume_from is None and cfg.checkpoint.load else None
 
     chunks = build_model_chunks(model_cfg, cfg.parallel, cfg.precision, recompute=cfg.recompute)
-    if resolve_resume(cfg.checkpoint) is None and cfg.checkpoint.load:
-        log.info("initial weights from %s", cfg.checkpoint.load)
-        load_model_checkpoint(chunks, cfg.checkpoint.load)
+    if load is not None:
+        log.info("initial weights from %s", load)
+        load_model_checkpoint(chunks, load)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
     optimizer = build_optimizer(ddp, optimizer_config(cfg))
     scheduler = build_scheduler(cfg, optimizer)
@@ -155,7 +157,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         scheduler=scheduler,
         data=data,
         counter=counter,
-        checkpointer=Checkpointer(cfg.checkpoint, model_cfg, ddp, optimizer, scheduler),
+        checkpointer=Checkpointer(
+            cfg.checkpoint, model_cfg, ddp, optimizer, scheduler, resume_from=resume_from
+        ),
         validator=Validator(cfg, ddp),
         logger=logger,
         dp_size=dp_size,

@@ -12,8 +12,10 @@ Model and optimizer state reshard to any TP/PP/DP layout (optimizer: megatron-co
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,9 +25,17 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mmcap.checkpoint.dist import CONFIG_FILE
+from mmcap.checkpoint.integrity import (
+    CheckpointError,
+    skip_verification,
+    verify_checksums,
+    write_checksums,
+)
 from mmcap.config import ModelConfig
 from mmcap.config.serialize import model_config_to_dict
 from mmcap.parallel import cuda_factories_on_cpu
+
+log = logging.getLogger("mmcap.train")
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
@@ -131,6 +141,46 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
     return {**model_sd, "optimizer": opt_sd, "rng_state": _rng_object()}
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; nothing was left behind (the previous ``latest`` stands)."""
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def _agree(failed: bool) -> bool:
+    """True on every rank if any rank failed (one all-reduce)."""
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([float(failed)], device=_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _save_error(final: Path, err: BaseException | None) -> CheckpointSaveError:
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        return CheckpointSaveError(
+            f"saving {final} failed: the disk, the quota or the file-size limit is full "
+            f"({err.strerror}). Free space (or raise the limit) and resume from the previous "
+            "checkpoint (--resume auto); nothing of this save was kept."
+        )
+    where = f" on this rank: {type(err).__name__}: {err}" if err is not None else " on another rank"
+    return CheckpointSaveError(
+        f"saving {final} failed{where}. The previous checkpoint stays 'latest'; nothing of this "
+        "save was kept."
+    )
+
+
+def weights_are_finite(chunks) -> bool:
+    """Every model parameter finite on every rank (collective)."""
+    ok = all(bool(torch.isfinite(p).all()) for c in chunks for p in _unwrap(c).parameters())
+    return not _agree(not ok)
+
+
 def save_train_state(
     save_dir: str | os.PathLike,
     step: int,
@@ -142,6 +192,12 @@ def save_train_state(
 ) -> Path:
     """Collective save of step ``step``; returns the checkpoint directory.
 
+    Everything goes to ``step_N.partial``: the shards (every rank), then (rank 0)
+    ``mmcap_model.json``, ``train_state.json`` and, last, the checksums of every file; only
+    then is it renamed to ``step_N`` and ``latest`` replaced. A failure on ANY rank (disk full,
+    file-size limit, I/O error) is seen by every rank: the partial directory is removed and
+    every rank raises :class:`CheckpointSaveError`.
+
     Args:
         chunks: the (DDP-wrapped) model chunks of this rank.
         optimizer / scheduler: megatron-core optimizer and OptimizerParamScheduler.
@@ -152,42 +208,110 @@ def save_train_state(
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    with cuda_factories_on_cpu():
-        dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(partial))
-    dist.barrier()
-    if rank0:
-        info = {"model": model_config_to_dict(model_config), "metadata": {"step": step}}
-        (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        state = {
-            "step": step,
-            "layout": list(_layout()),
-            "scheduler": scheduler.state_dict(),
-            **(extra or {}),
-        }
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)
-    dist.barrier()
+    err: BaseException | None = None
+    try:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+    except OSError as e:
+        err = e
+    if not _agree(err is not None):
+        try:
+            with cuda_factories_on_cpu():
+                dist_checkpointing.save(
+                    _sharded_state(chunks, optimizer, is_loading=False), str(partial)
+                )
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it (below)
+            err = e
+    if not _agree(err is not None) and rank0:
+        try:
+            info = {"model": model_config_to_dict(model_config), "metadata": {"step": step}}
+            (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+            state = {
+                "step": step,
+                "layout": list(_layout()),
+                "scheduler": scheduler.state_dict(),
+                **(extra or {}),
+            }
+            (partial / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            write_checksums(partial)  # last: a checkpoint with checksums is complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = root / f".{LATEST}.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, root / LATEST)
+        except OSError as e:
+            err = e
+    if _agree(err is not None):
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+            (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise _save_error(final, err)
     return final
 
 
-def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
-    """The newest COMPLETE checkpoint under ``save_dir`` (``--resume auto``), or None."""
-    marker = Path(save_dir) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(save_dir) / marker.read_text().strip()
+def validate_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
+    """``path`` if it is a complete, undamaged training checkpoint, else CheckpointError naming
+    the file (checksums verified unless ``verify`` is False or MMCAP_SKIP_CHECKSUMS=1; file
+    sizes are always checked)."""
+    path = Path(path)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{marker} names {path}, which is not a complete checkpoint")
+        raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_FILE})")
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
+    verify_checksums(path, full=verify and not skip_verification())
     return path
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """``step_N`` directories (not ``.partial``), newest first."""
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_checkpoint(save_dir: str | os.PathLike, verify: bool = True) -> Path | None:
+    """The checkpoint a run continues from (``--resume auto``): the newest complete, undamaged
+    ``step_N`` of ``save_dir``, which ``latest`` normally names.
+
+    - A damaged newest checkpoint (truncated or changed file, broken ``train_state.json``)
+      falls back to the previous complete one, with a warning naming the file.
+    - A missing, empty or non-file ``latest`` with step directories present resumes from the
+      newest complete one (saying so): never a fresh start over a run's checkpoints.
+    - None only when ``save_dir`` holds no step directory; CheckpointError when it holds some
+      and none is usable.
+    """
+    root = Path(save_dir)
+    marker = root / LATEST
+    named = None
+    if marker.is_file():
+        try:
+            named = marker.read_text().strip() or None
+        except OSError:
+            pass
+    steps = _step_dirs(root)
+    if not steps:
+        if named is not None:
+            raise CheckpointError(f"{marker} names {named}, but {root} holds no step_* checkpoint")
+        return None
+    problems = []
+    for path in steps:
+        try:
+            validate_checkpoint(path, verify)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning("skipping damaged checkpoint: %s", e)
+            continue
+        if path.name != named:
+            what = f"names {named}" if named else "is missing, empty or not a file"
+            log.warning("%s %s; resuming from the newest complete checkpoint %s", marker, what, path)
+        return path
+    raise CheckpointError(
+        f"{root} holds {len(steps)} checkpoint(s) and none is usable ({'; '.join(problems)}). "
+        "Refusing to start over them: repair or move them, or give another checkpoint.save."
+    )
 
 
 def load_train_state(ckpt: str | os.PathLike, chunks, optimizer, scheduler) -> dict:
@@ -196,14 +320,23 @@ def load_train_state(ckpt: str | os.PathLike, chunks, optimizer, scheduler) -> d
     Returns the ``train_state.json`` dict (step, sampler state, ...). RNG states are restored
     when the checkpoint was saved with the same TP/PP/DP layout, else left as seeded.
     """
+    from mmcap.checkpoint.integrity import check_fits
+
     ckpt = Path(ckpt)
     state = json.loads((ckpt / STATE_FILE).read_text())
     same_layout = tuple(state["layout"]) == _layout()
+    model_sd = {f"m{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    check_fits(model_sd, ckpt, getattr(_unwrap(chunks[0]), "model_config", None))
     sharded = _sharded_state(chunks, optimizer, is_loading=True)
     if not same_layout:
         sharded.pop("rng_state")
-    with cuda_factories_on_cpu():
-        loaded = dist_checkpointing.load(sharded, str(ckpt))
+    try:
+        with cuda_factories_on_cpu():
+            loaded = dist_checkpointing.load(sharded, str(ckpt))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as any reader error
+        raise CheckpointError(f"{ckpt}: could not be read ({type(e).__name__}: {e})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
     with cuda_factories_on_cpu(), _torch_adam_step_fix(optimizer):

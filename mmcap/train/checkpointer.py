@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mmcap.checkpoint.integrity import CheckpointError
 from mmcap.config import ConfigError
 from mmcap.train.config import CheckpointConfig
 from mmcap.train.state import TrainState
@@ -44,27 +45,33 @@ class Checkpointer:
         model_cfg: written next to every checkpoint (``mmcap_model.json``).
         chunks / optimizer / scheduler: this rank's DDP chunks, megatron-core optimizer and
             LR scheduler.
+        resume_from: the checkpoint to continue from (:func:`decide_resume`), None = fresh.
     """
 
-    def __init__(self, cfg: CheckpointConfig, model_cfg, chunks, optimizer, scheduler):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        model_cfg,
+        chunks,
+        optimizer,
+        scheduler,
+        resume_from: Path | None = None,
+    ):
         self.cfg = cfg
         self.save_dir = Path(cfg.save) if cfg.save else None
         self.model_cfg = model_cfg
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.last_saved_step: int | None = None
+        self.resume_from = resume_from
 
     # -- resume -----------------------------------------------------------------------------
-
-    def resume_path(self) -> Path | None:
-        """The checkpoint to continue from (``checkpoint.resume``), or None for a fresh run."""
-        return resolve_resume(self.cfg)
 
     def resume(self, data) -> TrainState | None:
         """Load the resume checkpoint (if any) into model, optimizer, scheduler and ``data``;
         returns its state, or None for a fresh run."""
         from mmcap.train.checkpoint import load_train_state
 
-        path = self.resume_path()
+        path = self.resume_from
         if path is None:
             return None
         raw = load_train_state(path, self.chunks, self.optimizer, self.scheduler)
@@ -93,12 +100,21 @@ class Checkpointer:
         """Save if the policy says so; returns whether it saved."""
         if not self.should_save(state, event):
             return False
-        self.save(state, event)
-        return True
+        return self.save(state, event) is not None
 
-    def save(self, state: TrainState, reason: str) -> Path:
-        from mmcap.train.checkpoint import save_train_state
+    def save(self, state: TrainState, reason: str) -> Path | None:
+        """Save ``state`` (collective); refuses (returns None, logs an error) when any weight is
+        non-finite: no checkpoint is ever written from NaN / inf weights."""
+        from mmcap.train.checkpoint import save_train_state, weights_are_finite
 
+        if not weights_are_finite(self.chunks):
+            log.error(
+                "not saving step %d (%s): the model weights hold NaN / inf values; the last "
+                "checkpoint stays 'latest'",
+                state.step,
+                reason,
+            )
+            return None
         t0 = time.perf_counter()
         path = save_train_state(
             self.save_dir,
@@ -129,20 +145,79 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def decide_resume(cfg: CheckpointConfig) -> Path | None:
+    """:func:`resolve_resume` on rank 0 (which verifies the checkpoint), the same answer (or
+    error) on every rank (collective). With ``resume: none`` and ``overwrite``, rank 0 clears
+    the run directory first."""
+    choice: list = [None]
+    if _rank0():
+        try:
+            choice = [("ok", resolve_resume(cfg))]
+            if choice[0][1] is None and cfg.overwrite and cfg.save:
+                _clear_run(Path(cfg.save))
+        except (ConfigError, CheckpointError) as e:
+            choice = [("error", e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    kind, value = choice[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _clear_run(root: Path) -> None:
+    """Remove a run's checkpoints, pointer, metrics and TensorBoard logs (overwrite)."""
+    for p in list(root.glob("step_*")) + [root / "tensorboard"]:
+        shutil.rmtree(p, ignore_errors=True)
+    for name in ("latest", "metrics.jsonl", "train_config.json"):
+        (root / name).unlink(missing_ok=True)
+    log.warning("checkpoint.overwrite: cleared the previous run in %s", root)
+
+
+def resolve_load(path: str) -> Path:
+    """``checkpoint.load``: a model / training checkpoint, or a run directory (its newest usable
+    checkpoint, as ``--resume`` resolves it)."""
+    from mmcap.checkpoint.dist import CONFIG_FILE
+    from mmcap.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+    raise ConfigError(
+        f"checkpoint.load: {p} is not an mmcap checkpoint (no {CONFIG_FILE}) nor a run directory "
+        "with checkpoints"
+    )
+
+
 def resolve_resume(cfg: CheckpointConfig) -> Path | None:
-    """The checkpoint ``cfg.resume`` names: "auto" = ``save``/latest if any, "none" = None,
-    else a checkpoint directory or a run directory (its ``latest``)."""
-    from mmcap.train.checkpoint import STATE_FILE, latest_checkpoint
+    """The checkpoint ``cfg.resume`` names: "auto" = the newest usable checkpoint of ``save``
+    (:func:`mmcap.train.checkpoint.latest_checkpoint`), "none" = a fresh run (refused when
+    ``save`` already holds a run's checkpoints, unless ``overwrite``), else a step directory
+    (validated) or a run directory (its newest usable checkpoint)."""
+    from mmcap.train.checkpoint import STATE_FILE, latest_checkpoint, validate_checkpoint
 
     r = cfg.resume
+    verify = cfg.verify
     if r in (None, "none", "no", False):
+        if cfg.save and not cfg.overwrite and any(Path(cfg.save).glob("step_*")):
+            raise ConfigError(
+                f"checkpoint.resume: none, but checkpoint.save={cfg.save} already holds a run's "
+                "checkpoints; continue it (--resume auto), choose another checkpoint.save, or "
+                "set checkpoint.overwrite=true to clear it"
+            )
         return None
     if r == "auto":
-        return latest_checkpoint(cfg.save) if cfg.save else None
+        return latest_checkpoint(cfg.save, verify) if cfg.save else None
     path = Path(r)
     if (path / STATE_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path)
+        return validate_checkpoint(path, verify)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume: {path} does not exist")
+    latest = latest_checkpoint(path, verify)
     if latest is None:
-        raise ConfigError(f"checkpoint.resume: {path} is not a training checkpoint")
+        raise ConfigError(f"checkpoint.resume: {path} is not a training checkpoint or run directory")
     return latest

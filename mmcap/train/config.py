@@ -162,6 +162,10 @@ class CheckpointConfig:
         pretraining checkpoint for fine-tuning); optimizer and step start fresh. Ignored when
         resuming.
     keep_last: delete older ``step_<N>`` directories beyond this many (None = keep all).
+    verify: verify the checksums of every file of the checkpoint a run resumes from (a
+        damaged newest checkpoint falls back to the previous one); false = sizes only.
+    overwrite: with ``resume: none``, clear an existing run in ``save`` (its checkpoints,
+        metrics and TensorBoard logs) instead of refusing to start over it.
     """
 
     save: str | None = None
@@ -169,6 +173,8 @@ class CheckpointConfig:
     resume: str = "auto"
     load: str | None = None
     keep_last: int | None = None
+    verify: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         require(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")

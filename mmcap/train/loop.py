@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mmcap.parallel.lifetime import die_with_parent
 from mmcap.train.builder import Trainer, build_trainer, is_log_rank
 from mmcap.train.config import TrainConfig
 from mmcap.train.data import current_device
@@ -237,14 +238,23 @@ def run(cfg: TrainConfig) -> int:
     if rank != int(os.environ.get("WORLD_SIZE", "1")) - 1:
         # Only the logging rank (last) and rank 0 (checkpoint messages) speak at INFO.
         logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: die with the launcher
+        die_with_parent()
     init_process_group()
     try:
         code = train(cfg)
-    finally:
-        from megatron.core import parallel_state
-
-        if dist.is_initialized():
-            dist.barrier()
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    except BaseException:
+        _teardown(barrier=False)  # the other ranks may never reach a barrier
+        raise
+    _teardown(barrier=True)
     return code
+
+
+def _teardown(barrier: bool) -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

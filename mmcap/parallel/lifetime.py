@@ -1,0 +1,33 @@
+"""Processes die with their launcher: a parent-death signal (Linux ``prctl``).
+
+torchrun starts every rank in a session of its own (``start_new_session=True``), so a
+``kill -KILL`` of torchrun's process group does not reach the ranks: they would go on running
+(and writing the run's checkpoint directory) after the launcher is gone. Each rank, and each of
+its DataLoader workers, asks the kernel for SIGKILL when its parent dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask for ``sig`` when the parent process dies; exits at once if it already has (the
+    process was re-parented before the call). Returns False where unsupported (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), sig)  # the parent is already gone
+    return True
