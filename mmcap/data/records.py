@@ -1,9 +1,11 @@
 """Reading and validating raw input records: official webdataset tars and JSONL.
 
 A *record* is one tar sample (``{key}.jpg`` + ``{key}.data``, the .data a JSON list of
-``{type, lang, prompt, output}``) or one JSONL line (``{"id", "image", "type", "lang",
-"prompt", "output"}``). An *entry* is one (type, lang, prompt, output) of a record.
-Validation returns either clean texts or a :class:`Reject` naming the record, field and reason;
+``{type, lang, prompt, output}``; the prompt is a task string such as ``"<LANG_DE><CAPTION>"``
+in the pretraining tars, or the already expanded English text in the fine-tuning tars, whose
+entries also carry ``img_path``, ``prompt_ids`` and ``output_ids``, not used here) or one
+JSONL line (``{"id", "image", "type", "lang", "prompt", "output"}``). An *entry* is one
+(type, lang, prompt, output) of a record. Validation returns either clean texts or a :class:`Reject` naming the record, field and reason;
 the reasons are :data:`REJECT_REASONS`.
 """
 
@@ -16,7 +18,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from mmcap.data.prompts import LANGS, TASK_TYPES, TRANSLATE_TOKEN, build_prompt, parse_task_string
+from mmcap.data.prompts import (
+    LANGS,
+    TASK_TOKEN_TYPES,
+    TASK_TYPES,
+    TRANSLATE_TOKEN,
+    build_prompt,
+    parse_expanded_prompt,
+    parse_task_string,
+)
 
 REJECT_REASONS = (
     "bad_image",  # not a JPEG, corrupt, truncated, unreadable image file
@@ -117,6 +127,8 @@ def validate_entry(entry, max_chars: int) -> CleanEntry:
         raise EntryError("bad_task", "lang", f"lang {lang!r} is not one of {LANGS}")
     prompt = _text(entry["prompt"], "prompt", max_chars)
     output = _text(entry["output"], "output", max_chars)
+    if not prompt.startswith("<"):
+        return _expanded_entry(prompt, output, task_type, lang)
     try:
         parsed = parse_task_string(prompt)
     except ValueError as e:
@@ -130,6 +142,32 @@ def validate_entry(entry, max_chars: int) -> CleanEntry:
     if parsed.task_token == TRANSLATE_TOKEN and not parsed.source.strip():
         raise EntryError("empty_text", "prompt", "translation source is empty")
     return CleanEntry(f"{task_type}-{lang}", parsed.task_token, build_prompt(prompt), output)
+
+
+def _expanded_entry(prompt: str, output: str, task_type: str, lang: str) -> CleanEntry:
+    """An entry whose prompt is already expanded text (official fine-tuning tars): the text is
+    the encoder prompt as is; type and lang come from the entry and must agree with what the
+    text names (its language sentence, its task template). A text that is none of the
+    official templates is kept with the generic task token of its type (``<CAPTION>`` /
+    ``<TRANSLATE>``), which only labels the stored entry."""
+    try:
+        named_lang, token, source = parse_expanded_prompt(prompt)
+    except ValueError as e:
+        raise EntryError("bad_task", "prompt", str(e)) from None
+    if (token is not None and TASK_TOKEN_TYPES[token] != task_type) or (
+        named_lang is not None and named_lang != lang
+    ):
+        raise EntryError(
+            "bad_task",
+            "prompt",
+            f"prompt {prompt[:80]!r} names task {TASK_TOKEN_TYPES.get(token)!r} and language "
+            f"{named_lang!r}, disagreeing with type={task_type!r} lang={lang!r}",
+        )
+    if token == TRANSLATE_TOKEN and not source.strip():
+        raise EntryError("empty_text", "prompt", "translation source is empty")
+    if token is None:
+        token = TRANSLATE_TOKEN if task_type == "translation" else "<CAPTION>"
+    return CleanEntry(f"{task_type}-{lang}", token, prompt, output)
 
 
 @dataclass
