@@ -53,9 +53,21 @@ class PreprocessConfig:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "max_text_chars", "workers")
 
 
-BALANCING_PRESETS: dict[str, tuple[str, ...]] = {
-    "task-lang-balancing": PRETRAINING_KEYS,
-    "generalist-finetune": FINETUNING_KEYS,
+# Target weights (normalised when used) of the official train.py ``get_balancing_data``.
+# "task-lang-balancing" is what the paper's runs use (every slurm script sets it); the other
+# two pretraining presets are the official alternatives.
+BALANCING_PRESETS: dict[str, dict[str, float]] = {
+    "task-lang-balancing": {k: 1.0 for k in PRETRAINING_KEYS},
+    "task-balancing": {  # captions 10/20, translations 10/20 of the mass
+        **{k: 5.0 for k in PRETRAINING_KEYS if k.startswith("caption")},
+        **{k: 2.0 for k in PRETRAINING_KEYS if k.startswith("translation")},
+    },
+    "lang-balancing": {  # every target language 2/12 ("de" split over caption + translation)
+        **{k: 2.0 for k in PRETRAINING_KEYS},
+        "caption-de": 1.0,
+        "translation-de": 1.0,
+    },
+    "generalist-finetune": {k: 1.0 for k in FINETUNING_KEYS},
 }
 
 
@@ -64,8 +76,10 @@ class SamplerConfig:
     """Task-language balanced sampling, blending and data-parallel sharding.
 
     Args:
-        balancing: preset name ("task-lang-balancing": 7 pretraining keys,
-            "generalist-finetune": 11 fine-tuning keys) or "custom" with ``target``.
+        balancing: preset name (:data:`BALANCING_PRESETS`: "task-lang-balancing", uniform
+            over the 7 pretraining keys; "task-balancing", captions 5 : translations 2 per
+            key; "lang-balancing", uniform per target language; "generalist-finetune",
+            uniform over the 11 fine-tuning keys) or "custom" with ``target``.
         target: custom key -> weight (normalised); None for a preset's uniform target.
         dataset_weights: blend weight per dataset (None = equal); normalised.
         global_batch_size: samples per optimizer step over all data-parallel ranks.
@@ -126,7 +140,7 @@ class SamplerConfig:
         raw = (
             self.target
             if self.balancing == "custom"
-            else {k: 1.0 for k in BALANCING_PRESETS[self.balancing]}
+            else BALANCING_PRESETS[self.balancing]
         )
         total = float(sum(raw.values()))
         return {k: w / total for k, w in raw.items() if w > 0}
