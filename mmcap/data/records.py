@@ -5,8 +5,8 @@ A *record* is one tar sample (``{key}.jpg`` + ``{key}.data``, the .data a JSON l
 in the pretraining tars, or the already expanded English text in the fine-tuning tars, whose
 entries also carry ``img_path``, ``prompt_ids`` and ``output_ids``, not used here) or one
 JSONL line (``{"id", "image", "type", "lang", "prompt", "output"}``). An *entry* is one
-(type, lang, prompt, output) of a record. Validation returns either clean texts or a :class:`Reject` naming the record, field and reason;
-the reasons are :data:`REJECT_REASONS`.
+(type, lang, prompt, output) of a record. Validation returns either clean texts or a
+:class:`Reject` naming the record, field and reason; the reasons are :data:`REJECT_REASONS`.
 """
 
 from __future__ import annotations
