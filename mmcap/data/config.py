@@ -158,6 +158,10 @@ class BatchConfig:
         encoder_pad_id: BART ``<pad>`` (1). decoder_pad_id: Gemma ``<pad>`` (0).
         decoder_start_id: first decoder input (1 = ``<eos>``, official decoder_start_token_id).
         ignore_index: label of padded positions (-100, torch cross-entropy's default).
+        keep_eos_on_crop: a cropped sequence keeps its last token (``</s>`` / ``<eos>``) in
+            its last slot, as a Hugging Face tokenizer's ``truncation=True, max_length=L``
+            does (the official CE eval's crop to 447 / 1024); False cuts the tail off, as the
+            official training loader's ``ids[:128]``.
     """
 
     max_prompt_tokens: int = 128
@@ -168,6 +172,7 @@ class BatchConfig:
     decoder_pad_id: int = 0
     decoder_start_id: int = 1
     ignore_index: int = -100
+    keep_eos_on_crop: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "pad_multiple")
