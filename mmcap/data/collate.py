@@ -46,7 +46,8 @@ class TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
-def _padded_len(longest: int, cap: int, cfg: BatchConfig) -> int:
+def padded_length(longest: int, cap: int, cfg: BatchConfig) -> int:
+    """Padded length of a batch whose longest (cropped) sequence has ``longest`` tokens."""
     if cfg.pad_to == "max":
         return cap
     m = cfg.pad_multiple
@@ -68,8 +69,8 @@ def collate_tokens(
     b = len(prompts)
     p_len = [min(len(p), cfg.max_prompt_tokens) for p in prompts]
     t_len = [min(len(t), cfg.max_target_tokens) for t in targets]
-    lp = _padded_len(max(p_len, default=1), cfg.max_prompt_tokens, cfg)
-    lt = _padded_len(max(t_len, default=1), cfg.max_target_tokens, cfg)
+    lp = padded_length(max(p_len, default=1), cfg.max_prompt_tokens, cfg)
+    lt = padded_length(max(t_len, default=1), cfg.max_target_tokens, cfg)
     enc = np.full((b, lp), cfg.encoder_pad_id, dtype=np.int64)
     labels = np.full((b, lt), cfg.ignore_index, dtype=np.int64)
     dec = np.full((b, lt), cfg.decoder_pad_id, dtype=np.int64)
@@ -102,8 +103,8 @@ def collate_tokens_ref(
 
     p = [crop(x, cfg.max_prompt_tokens) for x in prompts]
     t = [crop(x, cfg.max_target_tokens) for x in targets]
-    lp = _padded_len(max(map(len, p), default=1), cfg.max_prompt_tokens, cfg)
-    lt = _padded_len(max(map(len, t), default=1), cfg.max_target_tokens, cfg)
+    lp = padded_length(max(map(len, p), default=1), cfg.max_prompt_tokens, cfg)
+    lt = padded_length(max(map(len, t), default=1), cfg.max_target_tokens, cfg)
     shifted = [[cfg.decoder_start_id] + x[:-1] if x else [cfg.decoder_start_id] for x in t]
     return {
         "encoder_input_ids": [x + [cfg.encoder_pad_id] * (lp - len(x)) for x in p],
