@@ -41,6 +41,13 @@ class PreprocessConfig:
         workers: processes; each input file is one unit of work.
         verify_images: fully decode every JPEG (at 1/8 scale) to catch corrupt files; off,
             only the JPEG signature and header are checked.
+        long_entries: "reject" (mmcap default) skips an entry over ``max_prompt_tokens`` /
+            ``max_target_tokens`` as ``too_long``; "keep" (official) stores it whole, to be
+            cropped when batched. Counted in the manifest (``counts.long_entries``) either way.
+        truncated_images: "reject" (mmcap default) skips a record whose JPEG is truncated as
+            ``bad_image``; "load" (official, PIL ``LOAD_TRUNCATED_IMAGES``) keeps it, and the
+            decoders load it with its missing tail grey. Counted in the manifest
+            (``counts.truncated_images``) either way (needs ``verify_images``).
     """
 
     max_prompt_tokens: int = 1024
@@ -48,9 +55,21 @@ class PreprocessConfig:
     max_text_chars: int = 16384
     workers: int = 1
     verify_images: bool = True
+    long_entries: str = "reject"
+    truncated_images: str = "reject"
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "max_text_chars", "workers")
+        _require(
+            self.long_entries in ("reject", "keep"),
+            "PreprocessConfig.long_entries",
+            f"must be 'reject' or 'keep', got {self.long_entries!r}",
+        )
+        _require(
+            self.truncated_images in ("reject", "load"),
+            "PreprocessConfig.truncated_images",
+            f"must be 'reject' or 'load', got {self.truncated_images!r}",
+        )
 
 
 # Target weights (normalised when used) of the official train.py ``get_balancing_data``.
@@ -194,6 +213,10 @@ class ImageConfig:
             and with CUDA).
         mean / std: ImageNet normalisation (SYSTEM.md).
         device: CUDA device of the GPU back-ends.
+        load_truncated: the PIL back-end decodes a truncated JPEG with its missing tail grey
+            (PIL ``LOAD_TRUNCATED_IMAGES``, as the official loader) instead of failing. Only
+            datasets preprocessed with ``truncated_images="load"`` hold such images (the
+            default rejects them); the GPU back-ends do not implement it.
     """
 
     size: int = 224
@@ -201,6 +224,7 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     device: str = "cuda"
+    load_truncated: bool = True
 
     def __post_init__(self) -> None:
         _positive_int(self, "size")

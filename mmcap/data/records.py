@@ -11,6 +11,7 @@ JSONL line (``{"id", "image", "type", "lang", "prompt", "output"}``). An *entry*
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -93,6 +94,38 @@ def check_jpeg(data: bytes, full_decode: bool = True) -> str | None:
     except Exception as e:  # noqa: BLE001
         return f"corrupt JPEG: {type(e).__name__}: {e}"
     return None
+
+
+@contextlib.contextmanager
+def pil_load_truncated(enabled: bool = True):
+    """PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` set within the block (the
+    official loader sets it for good); decoding threads must not overlap other PIL loads."""
+    from PIL import ImageFile
+
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = enabled or old
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def loads_truncated(data: bytes) -> bool:
+    """True if ``data`` is a truncated JPEG that PIL decodes with ``LOAD_TRUNCATED_IMAGES``
+    (the official loader's setting; the missing tail comes out grey)."""
+    from PIL import Image
+
+    if not data.startswith(JPEG_MAGIC):
+        return False
+    try:
+        with pil_load_truncated(), Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                return False
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception:  # noqa: BLE001  (still corrupt: not merely truncated)
+        return False
+    return True
 
 
 def _text(value, name: str, max_chars: int) -> str:
