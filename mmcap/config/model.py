@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mmcap.config.errors import ConfigError, require
+from mmcap.config.errors import ConfigError, require  # noqa: F401 - ConfigError re-exported
 
 
 def _positive(obj, *names: str) -> None:

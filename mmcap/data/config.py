@@ -37,6 +37,13 @@ class PreprocessConfig:
         workers: processes; each input file is one unit of work.
         verify_images: fully decode every JPEG (at 1/8 scale) to catch corrupt files; off,
             only the JPEG signature and header are checked.
+        long_entries: "reject" (mmcap default) skips an entry over ``max_prompt_tokens`` /
+            ``max_target_tokens`` as ``too_long``; "keep" (official) stores it whole, to be
+            cropped when batched. Counted in the manifest (``counts.long_entries``) either way.
+        truncated_images: "reject" (mmcap default) skips a record whose JPEG is truncated as
+            ``bad_image``; "load" (official, PIL ``LOAD_TRUNCATED_IMAGES``) keeps it, and the
+            decoders load it with its missing tail grey. Counted in the manifest
+            (``counts.truncated_images``) either way (needs ``verify_images``).
     """
 
     max_prompt_tokens: int = 1024
@@ -44,14 +51,38 @@ class PreprocessConfig:
     max_text_chars: int = 16384
     workers: int = 1
     verify_images: bool = True
+    long_entries: str = "reject"
+    truncated_images: str = "reject"
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "max_text_chars", "workers")
+        require(
+            self.long_entries in ("reject", "keep"),
+            "PreprocessConfig.long_entries",
+            f"must be 'reject' or 'keep', got {self.long_entries!r}",
+        )
+        require(
+            self.truncated_images in ("reject", "load"),
+            "PreprocessConfig.truncated_images",
+            f"must be 'reject' or 'load', got {self.truncated_images!r}",
+        )
 
 
-BALANCING_PRESETS: dict[str, tuple[str, ...]] = {
-    "task-lang-balancing": PRETRAINING_KEYS,
-    "generalist-finetune": FINETUNING_KEYS,
+# Target weights (normalised when used) of the official train.py ``get_balancing_data``.
+# "task-lang-balancing" is what the paper's runs use (every slurm script sets it); the other
+# two pretraining presets are the official alternatives.
+BALANCING_PRESETS: dict[str, dict[str, float]] = {
+    "task-lang-balancing": {k: 1.0 for k in PRETRAINING_KEYS},
+    "task-balancing": {  # captions 10/20, translations 10/20 of the mass
+        **{k: 5.0 for k in PRETRAINING_KEYS if k.startswith("caption")},
+        **{k: 2.0 for k in PRETRAINING_KEYS if k.startswith("translation")},
+    },
+    "lang-balancing": {  # every target language 2/12 ("de" split over caption + translation)
+        **{k: 2.0 for k in PRETRAINING_KEYS},
+        "caption-de": 1.0,
+        "translation-de": 1.0,
+    },
+    "generalist-finetune": {k: 1.0 for k in FINETUNING_KEYS},
 }
 
 
@@ -60,8 +91,10 @@ class SamplerConfig:
     """Task-language balanced sampling, blending and data-parallel sharding.
 
     Args:
-        balancing: preset name ("task-lang-balancing": 7 pretraining keys,
-            "generalist-finetune": 11 fine-tuning keys) or "custom" with ``target``.
+        balancing: preset name (:data:`BALANCING_PRESETS`: "task-lang-balancing", uniform
+            over the 7 pretraining keys; "task-balancing", captions 5 : translations 2 per
+            key; "lang-balancing", uniform per target language; "generalist-finetune",
+            uniform over the 11 fine-tuning keys) or "custom" with ``target``.
         target: custom key -> weight (normalised); None for a preset's uniform target.
         dataset_weights: blend weight per dataset (None = equal); normalised.
         global_batch_size: samples per optimizer step over all data-parallel ranks.
@@ -122,7 +155,7 @@ class SamplerConfig:
         raw = (
             self.target
             if self.balancing == "custom"
-            else {k: 1.0 for k in BALANCING_PRESETS[self.balancing]}
+            else BALANCING_PRESETS[self.balancing]
         )
         total = float(sum(raw.values()))
         return {k: w / total for k, w in raw.items() if w > 0}
@@ -140,6 +173,10 @@ class BatchConfig:
         encoder_pad_id: BART ``<pad>`` (1). decoder_pad_id: Gemma ``<pad>`` (0).
         decoder_start_id: first decoder input (1 = ``<eos>``, official decoder_start_token_id).
         ignore_index: label of padded positions (-100, torch cross-entropy's default).
+        keep_eos_on_crop: a cropped sequence keeps its last token (``</s>`` / ``<eos>``) in
+            its last slot, as a Hugging Face tokenizer's ``truncation=True, max_length=L``
+            does (the official CE eval's crop to 447 / 1024); False cuts the tail off, as the
+            official training loader's ``ids[:128]``.
     """
 
     max_prompt_tokens: int = 128
@@ -150,6 +187,7 @@ class BatchConfig:
     decoder_pad_id: int = 0
     decoder_start_id: int = 1
     ignore_index: int = IGNORE_INDEX
+    keep_eos_on_crop: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_prompt_tokens", "max_target_tokens", "pad_multiple")
@@ -171,6 +209,10 @@ class ImageConfig:
             and with CUDA).
         mean / std: ImageNet normalisation (SYSTEM.md).
         device: CUDA device of the GPU back-ends.
+        load_truncated: the PIL back-end decodes a truncated JPEG with its missing tail grey
+            (PIL ``LOAD_TRUNCATED_IMAGES``, as the official loader) instead of failing. Only
+            datasets preprocessed with ``truncated_images="load"`` hold such images (the
+            default rejects them); the GPU back-ends do not implement it.
     """
 
     size: int = 224
@@ -178,6 +220,7 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     device: str = "cuda"
+    load_truncated: bool = True
 
     def __post_init__(self) -> None:
         _positive_int(self, "size")
