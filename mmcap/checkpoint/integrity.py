@@ -84,16 +84,19 @@ def check_fits(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, model_cfg=
     4-layer checkpoint never silently loads into a 2-layer model. The message lists the
     tensors and the config fields that differ (``mmcap_model.json`` vs ``model_cfg``)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     stored_model = {k: v for k, v in stored.items() if not k.startswith("optimizer.")}
-    expected = {
-        t.key: tuple(t.global_shape)
-        for t in nested_values(sharded_state_dict)
-        if isinstance(t, ShardedTensor)
-    }
+    # Factories (megatron's swiglu fc1 split) store under their key; their shape is checked by
+    # the load itself.
+    expected = {}
+    for t in nested_values(sharded_state_dict):
+        if isinstance(t, ShardedTensor):
+            expected[t.key] = tuple(t.global_shape)
+        elif isinstance(t, ShardedTensorFactory):
+            expected[t.key] = None
     # This rank holds one pipeline stage: the other stages' tensors are expected elsewhere.
     everywhere = set(expected)
     import torch.distributed as dist
@@ -104,7 +107,9 @@ def check_fits(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, model_cfg=
         everywhere = {k for part in parts for k in part}
     missing = sorted(k for k in expected if k not in stored_model)
     shape = sorted(
-        k for k in expected if k in stored_model and tuple(stored_model[k].global_shape) != expected[k]
+        k
+        for k, want in expected.items()
+        if want is not None and k in stored_model and tuple(stored_model[k].global_shape) != want
     )
     # Stored model tensors the model lacks (optimizer state and RNG are not model tensors).
     unexpected = sorted(k for k in stored_model if k not in everywhere)

@@ -31,3 +31,15 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), sig)  # the parent is already gone
     return True
+
+
+def forkserver_dies_with_parent() -> None:
+    """Make this process's multiprocessing fork server (which DataLoader workers are forked
+    from) ask for SIGKILL when its parent dies: otherwise a SIGKILLed rank leaves the fork
+    server, and with it the workers and the resource tracker, running. Call before the first
+    forkserver process starts; later calls do nothing to a running server."""
+    import multiprocessing as mp
+
+    mp.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "mmcap.parallel._lifetime_preload"]
+    )

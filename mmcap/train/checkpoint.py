@@ -161,14 +161,43 @@ def _agree(failed: bool) -> bool:
     return bool(flag.item() > 0)
 
 
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException | None, root: Path) -> str | None:
+    """Why the save probably failed for lack of room, or None. megatron-core's writer
+    processes lose the errno (the failure comes back as a text), so this also looks at the
+    text, the file-size limit and the free space."""
+    e = err
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.strerror
+        if any(t in str(e) for t in _DISK_FULL_TEXT):
+            return next(t for t in _DISK_FULL_TEXT if t in str(e))
+        e = e.__cause__ or e.__context__
+    if err is None:
+        return None
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"a file-size limit (ulimit -f) of {soft} bytes is set"
+    free = shutil.disk_usage(root).free
+    if free < 1 << 30:
+        return f"{free >> 20} MiB free on the disk of {root}"
+    return None
+
+
 def _save_error(final: Path, err: BaseException | None) -> CheckpointSaveError:
-    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+    full = _disk_full(err, final.parent)
+    if full is not None:
         return CheckpointSaveError(
             f"saving {final} failed: the disk, the quota or the file-size limit is full "
-            f"({err.strerror}). Free space (or raise the limit) and resume from the previous "
+            f"({full}). Free space (or raise the limit) and resume from the previous "
             "checkpoint (--resume auto); nothing of this save was kept."
         )
-    where = f" on this rank: {type(err).__name__}: {err}" if err is not None else " on another rank"
+    text = f"{type(err).__name__}: {err}"[:2000] if err is not None else ""
+    where = f" on this rank: {text}" if err is not None else " on another rank"
     return CheckpointSaveError(
         f"saving {final} failed{where}. The previous checkpoint stays 'latest'; nothing of this "
         "save was kept."
@@ -221,7 +250,9 @@ def save_train_state(
                 dist_checkpointing.save(
                     _sharded_state(chunks, optimizer, is_loading=False), str(partial)
                 )
-        except Exception as e:  # noqa: BLE001 - every rank must learn of it (below)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - torch DCP's CheckpointException is one
             err = e
     if not _agree(err is not None) and rank0:
         try:
@@ -240,6 +271,9 @@ def save_train_state(
             os.replace(partial, final)
             tmp = root / f".{LATEST}.tmp"
             tmp.write_text(final.name)
+            if (root / LATEST).is_dir() and not (root / LATEST).is_symlink():
+                log.warning("%s is a directory, not the pointer file: replacing it", root / LATEST)
+                shutil.rmtree(root / LATEST)
             os.replace(tmp, root / LATEST)
         except OSError as e:
             err = e

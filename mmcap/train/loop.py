@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmcap.parallel.lifetime import die_with_parent
+from mmcap.parallel.lifetime import die_with_parent, forkserver_dies_with_parent
 from mmcap.train.builder import Trainer, build_trainer, is_log_rank
 from mmcap.train.config import TrainConfig
 from mmcap.train.data import current_device
@@ -240,6 +240,7 @@ def run(cfg: TrainConfig) -> int:
         logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: die with the launcher
         die_with_parent()
+    forkserver_dies_with_parent()  # DataLoader workers come from it
     init_process_group()
     try:
         code = train(cfg)
