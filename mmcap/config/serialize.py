@@ -42,7 +42,12 @@ def _section(cls, data: dict, where: str):
 
 def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:
     """Rebuild (and re-validate) a ModelConfig; errors name the section and field."""
+    unknown = sorted(set(data) - {"name", "vision_train_mode", *_SECTIONS})
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for ModelConfig")
     kwargs = {"name": data.get("name", "custom")}
+    if "vision_train_mode" in data:  # absent in checkpoints written before the switch
+        kwargs["vision_train_mode"] = data["vision_train_mode"]
     for key, cls in _SECTIONS.items():
         if key in data:
             kwargs[key] = _section(cls, data[key], f"{where}.{key}")

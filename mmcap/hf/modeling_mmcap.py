@@ -330,10 +330,9 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
             use_cache=use_cache,
         )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
-        if self.config.decoder_family == "gemma2":
-            cap = self.config.gemma_config.final_logit_softcapping
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+        cap = self.config.logit_softcap()  # Gemma-2's 30; Florence sizes: official 30
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(
