@@ -197,3 +197,65 @@ def test_model_the_official_code_cannot_hold_is_refused(
     assert _export_official(tmp_path / "A", tmp_path / "O") == 1
     assert "decoder.final_logit_softcap" in capsys.readouterr().err
     assert not (tmp_path / "O").exists()
+
+
+# Fields of the official data/pretrained/*/config.json (read from the paper's repository).
+_LARGE_VISION = ((256, 512, 1024, 2048), (8, 16, 32, 64), 1024)
+_BART_BASE = (768, 6, 12, 3072, 1024, 51328, 257024)
+_BART_LARGE = (1024, 12, 16, 4096, 4096, 51328, 257024)
+_GEMMA_BART = (1024, 12, 16, 4096, 4096, 51289, 256000)
+_GEMMA_2B = (2304, 26, 9216, 8, 4)
+_GEMMA_9B = (3584, 42, 14336, 16, 8)
+OFFICIAL_FACTS = {
+    "florence-2-base": (_BART_BASE, (128, 256, 512, 1024), (4, 8, 16, 32), 768, None),
+    "florence-2-large": (_BART_LARGE, *_LARGE_VISION, None),
+    "florence-gemma-2-large": (_GEMMA_BART, *_LARGE_VISION, _GEMMA_2B),
+    "florence-gemma-2-xlarge": (_GEMMA_BART, *_LARGE_VISION, _GEMMA_9B),
+}
+
+
+@pytest.mark.parametrize("preset", list(OFFICIAL_FACTS))
+def test_exported_config_of_each_paper_preset_equals_the_official_one(preset):
+    from mmcap.hf.official_layout import official_config
+
+    bart, dims, heads, proj, gemma = OFFICIAL_FACTS[preset]
+    cfg = official_config(get_preset(preset))
+    t, v = cfg["text_config"], cfg["vision_config"]
+    d, layers, n_heads, ffn, positions, enc_vocab, vocab = bart
+    assert (t["d_model"], t["encoder_layers"], t["decoder_layers"]) == (d, layers, layers)
+    assert (t["encoder_attention_heads"], t["decoder_attention_heads"]) == (n_heads, n_heads)
+    assert (t["encoder_ffn_dim"], t["decoder_ffn_dim"]) == (ffn, ffn)
+    assert t["max_position_embeddings"] == positions
+    assert (t["encoder_vocab_size"], t["vocab_size"]) == (enc_vocab, vocab)
+    assert (t["encoder_pad_token_id"], t["pad_token_id"], t["eos_token_id"]) == (1, 0, 1)
+    assert (t["bos_token_id"], t["decoder_start_token_id"]) == (2, 1)
+    assert (tuple(v["dim_embed"]), tuple(v["num_heads"]), tuple(v["num_groups"])) == (
+        dims,
+        heads,
+        heads,
+    )
+    assert (tuple(v["depths"]), v["projection_dim"], v["window_size"]) == ((1, 1, 9, 1), proj, 12)
+    assert v["drop_path_rate"] == 0.1
+    if gemma is None:
+        assert "gemma_config" not in t
+        return
+    g = t["gemma_config"]
+    hidden, n_layers, inter, q_heads, kv_heads = gemma
+    assert (g["hidden_size"], g["num_hidden_layers"], g["intermediate_size"]) == (
+        hidden,
+        n_layers,
+        inter,
+    )
+    assert (g["num_attention_heads"], g["num_key_value_heads"], g["head_dim"]) == (
+        q_heads,
+        kv_heads,
+        256,
+    )
+    assert (g["final_logit_softcapping"], g["attn_logit_softcapping"]) == (30.0, 50.0)
+    assert (g["sliding_window"], g["query_pre_attn_scalar"], g["max_position_embeddings"]) == (
+        4096,
+        256,
+        8192,
+    )
+    assert (g["vocab_size"], g["rope_theta"], g["rms_norm_eps"]) == (256000, 10000.0, 1e-6)
+    assert g["encoder_hidden_size"] == 1024
