@@ -117,10 +117,17 @@ def test_generate_infers_encoder_mask_from_bart_pad(native, model):
         "input_ids": input_ids,
         "max_new_tokens": 4,
         "min_new_tokens": 4,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+        "num_beams": 1,  # one row per sample in the step logits
     }
-    assert torch.equal(
-        model.generate(**kw), model.generate(**kw, attention_mask=(input_ids != 1).long())
-    )
+    implicit = model.generate(**kw)
+    explicit = model.generate(**kw, attention_mask=(input_ids != 1).long())
+    unmasked = model.generate(**kw, attention_mask=torch.ones_like(input_ids))
+    assert torch.equal(implicit.sequences, explicit.sequences)
+    a, b, u = (torch.stack(x.logits, 1) for x in (implicit, explicit, unmasked))
+    assert torch.equal(a, b)  # (transformers itself builds no mask for encoder-decoder models)
+    assert (a[1] - u[1]).abs().max().item() > 1e-4  # sample 1 has 3 pad positions
 
 
 def test_final_logit_softcap_in_forward_loss_and_generation(native):
