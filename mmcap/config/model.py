@@ -331,15 +331,35 @@ class TrainableConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole captioning model: vision tower + BART encoder + decoder."""
+    """The whole captioning model: vision tower + BART encoder + decoder.
+
+    Args:
+        vision_train_mode: keep the FROZEN vision tower in train mode whenever the model trains,
+            so its drop-path (``VisionConfig.drop_path_rate``, 0.1) is active on frozen weights,
+            as in the official implementation (the HF Trainer's ``model.train()`` reaches the
+            frozen DaViT). Still no gradients and no autograd graph. Default False (mmcap): the
+            frozen tower always runs in eval mode, deterministic and equal to cached features.
+    """
 
     name: str = "custom"
     vision: VisionConfig = field(default_factory=VisionConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    vision_train_mode: bool = False
 
     def __post_init__(self) -> None:
+        require(
+            isinstance(self.vision_train_mode, bool),
+            "ModelConfig.vision_train_mode",
+            f"must be true or false, got {self.vision_train_mode!r}",
+        )
+        require(
+            not (self.vision_train_mode and self.trainable.vision),
+            "ModelConfig.vision_train_mode",
+            "applies to a frozen vision tower only; a trainable one (trainable.vision=true) "
+            "follows the model's mode anyway: leave vision_train_mode false",
+        )
         require(
             self.vision.projection_dim == self.encoder.hidden_size,
             "VisionConfig.projection_dim",

@@ -112,6 +112,7 @@ def hf_config(model: ModelConfig):
         eos_token_id=d.eos_token_id,
         bos_token_id=d.bos_token_id,
         decoder_start_token_id=d.decoder_start_token_id,
+        final_logit_softcapping=d.final_logit_softcap if florence else None,
     )
 
 

@@ -8,7 +8,8 @@ activations to every later stage, packed into the one stage tensor
 
 Freezing (SYSTEM.md "What trains", :class:`mmcap.config.TrainableConfig`): frozen parameters
 have ``requires_grad=False`` (so optimizers skip them); the vision tower also stays in eval
-mode and runs under no_grad; a frozen Gemma decoder still back-propagates to the trainable
+mode (unless ``ModelConfig.vision_train_mode``: then it follows the model's mode, drop-path on)
+and runs under no_grad; a frozen Gemma decoder still back-propagates to the trainable
 cross-attention and embeddings that feed it.
 """
 
@@ -98,7 +99,7 @@ class CaptioningModel(MegatronModule):
             if policy.vision:
                 self.vision.requires_grad_(True)
             else:
-                self.vision.freeze()
+                self.vision.freeze(train_mode=self.model_config.vision_train_mode)
             self.encoder.requires_grad_(policy.encoder)
         if policy.decoder_policy(self.model_config.decoder.arch) == "cross_attention":
             for name, p in self.decoder.named_parameters():
