@@ -36,7 +36,7 @@ BART_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm default, what the official BART layer
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _require(cond: bool, field_name: str, msg: str) -> None:
+def _must_hold(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise CheckpointError(f"official layout: {field_name}: {msg}")
 
@@ -46,13 +46,13 @@ def _check(model: ModelConfig) -> None:
     v, e, d = model.vision, model.encoder, model.decoder
     defaults = {f.name: f.default for f in dataclasses.fields(type(v))}
     for name in ("mlp_ratio", "qkv_bias", "in_channels"):
-        _require(
+        _must_hold(
             getattr(v, name) == defaults[name],
             f"vision.{name}",
             f"the official DaViT fixes it at {defaults[name]!r}, the model has "
             f"{getattr(v, name)!r}",
         )
-    _require(
+    _must_hold(
         e.layer_norm_eps == BART_LAYER_NORM_EPS,
         "encoder.layer_norm_eps",
         f"the official BART uses {BART_LAYER_NORM_EPS}",
@@ -60,34 +60,34 @@ def _check(model: ModelConfig) -> None:
     if d.arch == "bart":
         for name in ("hidden_size", "max_position_embeddings", "activation", "scale_embedding"):
             a, b = getattr(e, name), getattr(d, name)
-            _require(
+            _must_hold(
                 a == b,
                 f"decoder.{name}",
                 f"one official text_config describes both BART stacks: encoder {a!r} vs "
                 f"decoder {b!r}",
             )
         for name in ("dropout", "attention_dropout", "activation_dropout", "init_std"):
-            _require(
+            _must_hold(
                 getattr(e, name) == getattr(d, name), f"decoder.{name}", "must equal the encoder's"
             )
-        _require(
+        _must_hold(
             d.final_logit_softcap == FLORENCE_FINAL_LOGIT_SOFTCAP,
             "decoder.final_logit_softcap",
             f"the official Florence-2 language model hard-codes {FLORENCE_FINAL_LOGIT_SOFTCAP}, "
             f"the model has {d.final_logit_softcap}",
         )
-        _require(
+        _must_hold(
             d.norm_eps == BART_LAYER_NORM_EPS, "decoder.norm_eps", f"must be {BART_LAYER_NORM_EPS}"
         )
         return
-    _require(d.gated_cross_attention, "decoder.gated_cross_attention", "must be true")
-    _require(
+    _must_hold(d.gated_cross_attention, "decoder.gated_cross_attention", "must be true")
+    _must_hold(
         d.activation == "gelu_tanh", "decoder.activation", "the official Gemma-2 uses gelu_tanh"
     )
     official = tuple(
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(d.num_layers)
     )
-    _require(
+    _must_hold(
         d.resolved_layer_types == official,
         "decoder.layer_types",
         "the official Gemma-2 decoder slides on even layers (is_sliding = not layer_idx % 2)",
