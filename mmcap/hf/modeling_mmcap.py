@@ -71,6 +71,7 @@ from transformers.models.florence2.modeling_florence2 import (
     shift_tokens_right,
 )
 
+from mmcap.config import IGNORE_INDEX
 from mmcap.hf.configuration_mmcap import MmcapCaptionerConfig
 from mmcap.hf.modeling_gemma_xattn import MmcapGemma2XAttnDecoder
 
@@ -336,7 +337,9 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100
+                logits.float().flatten(0, 1),
+                labels.to(logits.device).flatten(),
+                ignore_index=IGNORE_INDEX,
             )
         return Florence2Seq2SeqLMOutput(
             loss=loss,

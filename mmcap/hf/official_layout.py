@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mmcap.config import ModelConfig
+from mmcap.config import IGNORE_INDEX, ModelConfig
 from mmcap.config.presets import FLORENCE_FINAL_LOGIT_SOFTCAP
 from mmcap.hf.convert_in import OFFICIAL_DECODER_PREFIX, TOKENIZER_FILES
 from mmcap.hf.florence2_keys import bart_to_hf
@@ -218,7 +218,7 @@ def official_config(model: ModelConfig, dtype: torch.dtype = torch.float32) -> d
         "model_type": "florence2",
         "is_encoder_decoder": True,
         "tie_word_embeddings": True,
-        "ignore_index": -100,
+        "ignore_index": IGNORE_INDEX,
         "encoder_vocab_size": e.padded_vocab_size,
         "vocab_size": d.vocab_size,
         "projection_dim": model.vision.projection_dim,
