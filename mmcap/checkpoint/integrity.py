@@ -15,13 +15,10 @@ import json
 import os
 from pathlib import Path
 
+from mmcap.config.errors import CheckpointError  # the one checkpoint error type
+
 CHECKSUM_FILE = "checksums.json"
 ALGORITHM = "blake2b-128"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged or does not fit the model; the message names the file
-    (or tensors / config fields) and what to do."""
 
 
 def _digest(path: Path) -> str:

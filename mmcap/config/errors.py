@@ -10,3 +10,8 @@ def require(cond: bool, field_name: str, msg: str) -> None:
     """Raise ``ConfigError("<field_name>: <msg>")`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{field_name}: {msg}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (mmcap or Hugging Face) is missing, damaged or does not fit the model; the
+    message names the file (or tensors / config fields) and what to do."""

@@ -94,8 +94,13 @@ def run_eval_loss(
     parallel = parallel or ParallelConfig()
     precision = precision or PrecisionConfig("fp32")
     batch_cfg = batch_cfg or eval_batch_config()
+    from mmcap.checkpoint import resolve_checkpoint_dir
+    from mmcap.data.compat import check_datasets_fit_model
+
     dataset = CaptionDataset(data_dir)  # fail on a bad dataset before building the model
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # a run directory: its newest checkpoint
     model_cfg = eval_model_config(ckpt_dir, image_size)
+    check_datasets_fit_model([dataset], model_cfg, "--data")
     check_position_limits(model_cfg, dataset, batch_cfg)
     compute = None
     if training_run is not None:  # parameters are counted on a TP = PP = 1 meta build

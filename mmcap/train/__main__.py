@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto (newest complete checkpoint of checkpoint.save), none, or a checkpoint dir",
     )
     ap.add_argument("--print-config", action="store_true", help="print the config and exit")
+    ap.add_argument(
+        "--quiet", action="store_true", help="console: warnings and errors only (log file: all)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 train_steps=10")
     return ap.parse_args(argv)
 
@@ -64,12 +67,15 @@ def main(argv=None) -> int:
         resolved = {**cfg.to_dict(), "model": model_config_to_dict(cfg.model_config())}
         print(json.dumps(resolved, indent=2))
         return 0
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not")
     from mmcap.checkpoint.integrity import CheckpointError
     from mmcap.train.checkpoint import CheckpointSaveError
     from mmcap.train.loop import run
 
     try:
-        return run(cfg)
+        return run(cfg, quiet=args.quiet)
     except ConfigError as e:
         print(f"mmcap.train: configuration error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ the metrics logger."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +69,11 @@ def build_scheduler(cfg: TrainConfig, optimizer):
         end_wd=o.weight_decay,
         wd_incr_steps=cfg.train_steps,
         wd_incr_style="constant",
+        # Resuming: the schedule of the command line when overriding (Megatron-LM's
+        # --override-opt_param-scheduler); else a differing one is refused before the load
+        # (mmcap.train.checkpointer.check_schedule), so the checkpoint's values are the same.
+        override_opt_param_scheduler=o.override_scheduler,
+        use_checkpoint_opt_param_scheduler=not o.override_scheduler,
     )
 
 
@@ -111,6 +115,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     cfg.num_microbatches(dp_size)  # validate the batch layout before building anything
     resume_from = decide_resume(cfg.checkpoint)  # before any heavy work
     load = resolve_load(cfg.checkpoint.load) if resume_from is None and cfg.checkpoint.load else None
+    # The data (and its fit with the model's tokenizers) before the model too.
+    first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    data = BatchSource(cfg, model_cfg, needs_pixels=first_stage, dp_rank=dp_rank, dp_size=dp_size)
+    validator = Validator(cfg)
 
     chunks = build_model_chunks(model_cfg, cfg.parallel, cfg.precision, recompute=cfg.recompute)
     if load is not None:
@@ -119,8 +127,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
     optimizer = build_optimizer(ddp, optimizer_config(cfg))
     scheduler = build_scheduler(cfg, optimizer)
-    first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    data = BatchSource(cfg, model_cfg, needs_pixels=first_stage, dp_rank=dp_rank, dp_size=dp_size)
+    validator.chunks = ddp
     # A feature cache replaces the vision tower: its FLOPs are not spent.
     counter = StepCounter(model_cfg, count_vision=not cfg.data.features)
 
@@ -132,7 +139,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     metrics_file = lc.metrics_file or (str(save_dir / "metrics.jsonl") if save_dir else None)
     if save_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if dist.is_initialized():
         dist.barrier()
     logger = MetricsLogger(
@@ -160,7 +166,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         checkpointer=Checkpointer(
             cfg.checkpoint, model_cfg, ddp, optimizer, scheduler, resume_from=resume_from
         ),
-        validator=Validator(cfg, ddp),
+        validator=validator,
         logger=logger,
         dp_size=dp_size,
     )

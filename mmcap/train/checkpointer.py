@@ -74,6 +74,7 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return None
+        check_schedule(path, self.scheduler, override=self.scheduler.override_opt_param_scheduler)
         raw = load_train_state(path, self.chunks, self.optimizer, self.scheduler)
         state = TrainState.from_state_dict(raw)
         data.load_state_dict(state.sampler)
@@ -82,6 +83,17 @@ class Checkpointer:
             "resumed from %s at step %d (%d samples seen)", path, state.step, state.consumed_samples
         )
         return state
+
+    def record_config(self, cfg) -> None:
+        """``<save>/train_config.json``: the configuration in force, written (rank 0) once the
+        resume checks accepted it."""
+        if self.save_dir is None or not _rank0():
+            return
+        import json
+
+        tmp = self.save_dir / ".train_config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp.replace(self.save_dir / "train_config.json")
 
     # -- save -------------------------------------------------------------------------------
 
@@ -143,6 +155,44 @@ class Checkpointer:
         steps = sorted(p for p in self.save_dir.glob("step_*") if p.is_dir() and "." not in p.name)
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# OptimizerParamScheduler state -> the configuration key that sets it
+_SCHEDULE_KEYS = {
+    "max_lr": "optim.lr",
+    "min_lr": "optim.min_lr",
+    "lr_warmup_steps": "optim.warmup_steps",
+    "lr_decay_style": "optim.decay_style",
+    "lr_decay_steps": "train_steps",
+    "start_wd": "optim.weight_decay",
+    "end_wd": "optim.weight_decay",
+}
+
+
+def check_schedule(ckpt: Path, scheduler, override: bool) -> None:
+    """Refuse to resume with a schedule that differs from the checkpoint's unless ``override``
+    (then the new one applies and is what ``train_config.json`` records): a silently ignored
+    command line is never what is in force."""
+    import json
+
+    from mmcap.train.checkpoint import STATE_FILE
+
+    saved = json.loads((ckpt / STATE_FILE).read_text()).get("scheduler", {})
+    now = scheduler.state_dict()
+    diffs = {}
+    for name, key in _SCHEDULE_KEYS.items():
+        if name in saved and saved[name] != now[name]:
+            diffs.setdefault(key, f"{key} {now[name]!r} (now) vs {saved[name]!r} (checkpoint)")
+    if not diffs:
+        return
+    if override:
+        log.warning("optim.override_scheduler: applying the new schedule: %s", "; ".join(diffs.values()))
+        return
+    raise ConfigError(
+        f"{', '.join(diffs)}: resuming {ckpt} with a schedule that differs from the "
+        f"checkpoint's ({'; '.join(diffs.values())}); keep the checkpoint's values, or set "
+        "optim.override_scheduler=true to apply the new ones from the resumed step on"
+    )
 
 
 def decide_resume(cfg: CheckpointConfig) -> Path | None:

@@ -42,6 +42,10 @@ class OptimConfig:
         clip_grad: global gradient-norm clip (0 = off).
         loss_scale: fp16 only: None = dynamic loss scaling (megatron-core DynamicGradScaler,
             starting at ``initial_loss_scale``), a number = constant scale.
+        override_scheduler: when resuming with a schedule (lr, min_lr, warmup_steps,
+            decay_style, weight_decay, train_steps) that differs from the checkpoint's, apply
+            the new one from the resumed step on (Megatron-LM
+            ``--override-opt_param-scheduler``); false = refuse to resume, naming the keys.
     """
 
     lr: float = 1e-4
@@ -55,6 +59,7 @@ class OptimConfig:
     decay_style: str = "cosine"
     loss_scale: float | None = None
     initial_loss_scale: float = 2.0**16
+    override_scheduler: bool = False
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

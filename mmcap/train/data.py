@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mmcap.config import ConfigError
+from mmcap.data.compat import check_datasets_fit_model
 from mmcap.model.stage_io import sequence_parallel_pad_multiple, split_microbatches
 from mmcap.train.config import TrainConfig
 
@@ -18,6 +19,16 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _open(path: str, key: str):
+    """A CaptionDataset, or a ConfigError naming the key (missing, not preprocessed, damaged)."""
+    from mmcap.data.indexed import CaptionDataset
+
+    try:
+        return CaptionDataset(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class BatchSource:
@@ -31,13 +42,13 @@ class BatchSource:
         self, cfg: TrainConfig, model_cfg, *, needs_pixels: bool, dp_rank: int, dp_size: int
     ):
         from mmcap.data.features import FeatureStore
-        from mmcap.data.indexed import CaptionDataset
         from mmcap.data.sampler import GroupIndex, TaskLangSampler
 
         d = cfg.data
         if not d.train:
             raise ConfigError("data.train: no training dataset given (data.train=[DIR, ...])")
-        self.datasets = [CaptionDataset(p) for p in d.train]
+        self.datasets = [_open(p, "data.train") for p in d.train]
+        check_datasets_fit_model(self.datasets, model_cfg, "data.train")
         self.num_microbatches = cfg.num_microbatches(dp_size)
         self.micro_batch_size = cfg.micro_batch_size
         self.num_image_tokens = model_cfg.vision.num_image_tokens
@@ -65,6 +76,32 @@ class BatchSource:
             )
         self.num_workers = d.num_workers
         self._it = None
+
+    def summary(self, train_steps: int, global_batch_size: int) -> list[str]:
+        """Lines describing the training data for the start of a run, with warnings for keys
+        the sampling target asks for but the data lacks and for a global batch larger than
+        the data."""
+        per_key: dict[str, int] = {}
+        for ds in self.datasets:
+            for k, n in (ds.manifest.get("per_key") or {}).items():
+                per_key[k] = per_key.get(k, 0) + int(n)
+        total = sum(len(ds) for ds in self.datasets)
+        lines = [
+            f"data: {total} entries in {len(self.datasets)} dataset(s); per key: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(per_key.items()))
+        ]
+        wanted = sorted(self.sampler.cfg.target_weights())
+        missing = [k for k in wanted if per_key and not per_key.get(k)]
+        if missing:
+            lines.append(f"WARNING data: sampling-target keys missing from the data: {missing}")
+        seen = train_steps * global_batch_size
+        lines.append(f"data: the run draws {seen} samples = {seen / max(total, 1):.1f} epochs")
+        if global_batch_size > total:
+            lines.append(
+                f"WARNING data: global_batch_size {global_batch_size} exceeds the {total} entries "
+                "of the data: every step repeats samples (lower global_batch_size)"
+            )
+        return lines
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

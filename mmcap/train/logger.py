@@ -177,7 +177,9 @@ class MetricsLogger:
             # Kept open across log() calls, closed by close().
             self._file = open(metrics_file, "a", encoding="utf-8")  # noqa: SIM115
 
-    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+    def log(
+        self, step: int, metrics: dict[str, float], console: bool = True, tensorboard: bool = True
+    ) -> None:
         """Record ``metrics`` of ``step`` in every sink.
 
         Args:
@@ -185,6 +187,7 @@ class MetricsLogger:
             metrics: name -> value; numeric values go to TensorBoard / wandb, every value to
                 the JSON line (it must be JSON-encodable after tensor unwrapping).
             console: also print the progress line.
+            tensorboard: also write TensorBoard / wandb points (the JSON line is always written).
         """
         if not self.enabled:
             return
@@ -196,11 +199,11 @@ class MetricsLogger:
             self._file.flush()
             os.fsync(self._file.fileno())
         numeric = {k: x for k, v in metrics.items() if (x := _number(v)) is not None}
-        if self._tb is not None:
+        if self._tb is not None and tensorboard:
             for k, x in numeric.items():
                 self._tb.add_scalar(k, x, global_step=step)
             self._tb.flush()
-        if self._wandb_run is not None:
+        if self._wandb_run is not None and tensorboard:
             self._wandb_run.log(numeric, step=step)
         step_time = numeric.get("step_time_s")
         if step_time is not None and math.isfinite(step_time):
@@ -249,7 +252,9 @@ class MetricsLogger:
         console = step % self.log_interval == 0 or step == 1 or step == self.total_steps
         if console:
             metrics.update(memory_stats())
-        self.log(step, {k: v for k, v in metrics.items() if v is not None}, console=console)
+        # Every step to the JSON lines; TensorBoard / wandb at the console interval.
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        self.log(step, metrics, console=console, tensorboard=console)
 
     def console_line(self, step: int, metrics: dict[str, float]) -> str:
         """The progress line for ``step``: the :data:`CONSOLE_KEYS` present in ``metrics``, then

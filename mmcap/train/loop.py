@@ -135,6 +135,7 @@ def train(cfg: TrainConfig) -> int:
     """Run (or continue) a training run; returns the process exit code."""
     t = build_trainer(cfg)
     state = t.checkpointer.resume(t.data) or TrainState(sampler=t.data.state_dict())
+    t.checkpointer.record_config(cfg)
     stop = StopConditions(cfg)
     fp16 = cfg.precision.params_dtype == "fp16"
     dynamic_scaling = fp16 and cfg.optim.loss_scale is None
@@ -150,6 +151,9 @@ def train(cfg: TrainConfig) -> int:
         state.step,
         cfg.train_steps,
     )
+    if is_log_rank():
+        for line in t.data.summary(cfg.train_steps, cfg.global_batch_size):
+            (log.warning if line.startswith("WARNING") else log.info)(line.removeprefix("WARNING "))
     if state.step >= cfg.train_steps:
         log.info("the run is already complete at step %d (train_steps=%d)", state.step, cfg.train_steps)
     event = "end"
@@ -220,24 +224,52 @@ def _announce(event: str, state: TrainState, cfg: TrainConfig, stop: StopConditi
         log.info("exit_interval / exit_duration_minutes: checkpointing step %d and exiting", state.step)
 
 
-def run(cfg: TrainConfig) -> int:
-    """Set up logging and the process group, train, tear down; returns the exit code."""
-    from mmcap.parallel import init_process_group
-
-    rank = int(os.environ.get("RANK", "0"))
+def quiet_third_party_warnings() -> None:
+    """Megatron-core's import-time TE / Apex fallback notices and torch.distributed
+    FutureWarnings: expected on CPU and without the optional extras; call before importing
+    megatron-core."""
     warnings.filterwarnings(
         "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not"
     )
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+
+
+def setup_logging(cfg: TrainConfig, quiet: bool = False) -> None:
+    """Console: INFO from mmcap on the logging rank (last) and rank 0, WARNING elsewhere and
+    with ``quiet``; megatron-core's INFO (config dumps) only in the log file. File:
+    ``<checkpoint.save>/logs/rank<r>.log`` with everything at INFO."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fmt = logging.Formatter(
+        f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    if rank != int(os.environ.get("WORLD_SIZE", "1")) - 1:
-        # Only the logging rank (last) and rank 0 (checkpoint messages) speak at INFO.
-        logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    console.setFormatter(fmt)
+    console.setLevel(logging.WARNING if quiet or rank not in (0, world - 1) else logging.INFO)
+    console.addFilter(
+        lambda r: r.levelno >= logging.WARNING or not r.name.startswith("megatron")
+    )
+    root.addHandler(console)
+    if cfg.checkpoint.save:
+        try:
+            logs = Path(cfg.checkpoint.save) / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(logs / f"rank{rank}.log")
+        except OSError as e:  # an unwritable save dir is reported (and fails) at the first save
+            log.warning("no log file in %s: %s", cfg.checkpoint.save, e)
+        else:
+            handler.setFormatter(fmt)
+            root.addHandler(handler)
+
+
+def run(cfg: TrainConfig, quiet: bool = False) -> int:
+    """Set up logging and the process group, train, tear down; returns the exit code."""
+    from mmcap.parallel import init_process_group
+
+    quiet_third_party_warnings()
+    setup_logging(cfg, quiet)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: die with the launcher
         die_with_parent()
     forkserver_dies_with_parent()  # DataLoader workers come from it

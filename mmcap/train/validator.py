@@ -14,17 +14,27 @@ log = logging.getLogger("mmcap.train")
 class Validator:
     """Args:
     cfg: the run's configuration (``eval`` section, ``data.valid``, ``data.batch`` crops).
-    chunks: this rank's (DDP) model chunks.
+    chunks: this rank's (DDP) model chunks (may be set after construction: the dataset is
+        opened and checked before the model is built).
     """
 
-    def __init__(self, cfg: TrainConfig, chunks):
+    def __init__(self, cfg: TrainConfig, chunks=None):
         from mmcap.data.indexed import CaptionDataset
 
         self.interval = cfg.eval.interval
         self.enabled = bool(self.interval and cfg.data.valid)
         self.chunks = chunks
         self.cfg = cfg
-        self.dataset = CaptionDataset(cfg.data.valid) if self.enabled else None
+        self.dataset = None
+        if self.enabled:
+            from mmcap.config import ConfigError
+            from mmcap.data.compat import check_datasets_fit_model
+
+            try:
+                self.dataset = CaptionDataset(cfg.data.valid)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.valid: {e}") from None
+            check_datasets_fit_model([self.dataset], cfg.model_config(), "data.valid")
 
     def due(self, step: int, last: bool = False) -> bool:
         """Validate after ``step``: every ``eval.interval`` steps, and after the last step."""

@@ -273,11 +273,27 @@ def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_p
     assert rc == 0, out
     res = json.loads((tmp_path / "res.json").read_text())
     assert len(res["samples"]) == 203 and all(s["ce"] > 0 for s in res["samples"])
+    # A run directory resolves to its newest checkpoint, as --resume does.
     rc, out = world1.run(
-        tool_in_process, "convert_to_hf", ["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]
+        tool_in_process,
+        "convert_to_hf",
+        ["--ckpt", str(reference_run), "--out", str(tmp_path / "hf")],
     )[0]
     assert rc == 0, out
     assert (tmp_path / "hf" / "config.json").is_file()
+    # A truncated shard: an error naming the file, no traceback.
+    import shutil
+
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    shard = sorted(bad.glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 3)
+    for tool, extra in [
+        ("eval_loss", ["--data", str(dataset)]),
+        ("convert_to_hf", ["--out", str(tmp_path / "hf2")]),
+    ]:
+        rc, out = world1.run(tool_in_process, tool, ["--ckpt", str(bad), *extra])[0]
+        assert rc != 0 and str(shard) in out and "Traceback" not in out, (tool, out)
 
 
 def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path, world1):

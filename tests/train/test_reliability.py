@@ -63,7 +63,9 @@ def _copy(run, dst):
 
 
 def _continue(world1, dataset, save, steps=8, *extra):
-    return _train(world1, _args(dataset, save, steps, "checkpoint.save_interval=0", *extra))
+    """More steps of a run (a longer schedule: optim.override_scheduler)."""
+    args = _args(dataset, save, steps, "checkpoint.save_interval=0", *extra)
+    return _train(world1, [*args, "optim.override_scheduler=true"])
 
 
 @pytest.mark.parametrize("pointer", ["missing", "empty", "directory"])
@@ -208,6 +210,24 @@ def test_checkpoint_that_does_not_fit_is_refused(world1, dataset, run6, tmp_path
     rc, out = _continue(world1, dataset, run, 8, "--preset", "debug-florence")
     assert rc == 4 and "does not fit the model" in out, out
     assert len(out) < 20_000  # not a dump of every key
+
+
+def test_resume_with_another_schedule_is_refused_or_applied(world1, dataset, run6, tmp_path):
+    """Resuming with train_steps / optim.lr changed: refused naming the keys (exit 2, nothing
+    recorded), or applied with optim.override_scheduler=true (and recorded)."""
+    run = _copy(run6, tmp_path / "run")
+    recorded = (run / "train_config.json").read_text()
+    args = _args(dataset, run, 9, "checkpoint.save_interval=0", "optim.lr=5e-3")
+    rc, out = _train(world1, args)
+    assert rc == 2, out
+    assert "optim.lr" in out and "train_steps" in out and "override_scheduler" in out, out
+    assert (run / "train_config.json").read_text() == recorded  # nothing not in force
+    rc, out = _train(world1, [*args, "optim.override_scheduler=true"])
+    assert rc == 0, out
+    assert json.loads((run / "train_config.json").read_text())["optim"]["lr"] == 5e-3
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lr7 = [r["lr"] for r in recs if r["step"] == 7][-1]
+    assert lr7 > 1e-3  # the new peak (5e-3, cosine over 9 steps), not the old schedule's
 
 
 def _children(pid):
