@@ -62,6 +62,8 @@ def train_in_process(argv: list[str]) -> tuple[int, str]:
         except (CheckpointError, CheckpointSaveError) as e:
             buf.write(f"mmcap.train: checkpoint error: {e}\n")
             code = 4
+        except SystemExit as e:  # argparse usage errors
+            code = e.code if isinstance(e.code, int) else 2
         finally:
             _teardown_model_parallel()
     return code, buf.getvalue()

@@ -76,6 +76,12 @@ class Checkpointer:
             return None
         check_schedule(path, self.scheduler, override=self.scheduler.override_opt_param_scheduler)
         raw = load_train_state(path, self.chunks, self.optimizer, self.scheduler)
+        if self.scheduler.override_opt_param_scheduler:
+            # The optimizer's param groups came back with the checkpoint's max / min LR, which
+            # megatron-core's scheduler reads per group: the new schedule must reach them too.
+            for group in self.optimizer.param_groups:
+                group["max_lr"], group["min_lr"] = self.scheduler.max_lr, self.scheduler.min_lr
+            self.scheduler.step(increment=0)
         state = TrainState.from_state_dict(raw)
         data.load_state_dict(state.sampler)
         self.last_saved_step = state.step
