@@ -251,7 +251,9 @@ def softcap_ce_ref(
     lses, tgts = [], []
     for t0 in range(0, h.shape[0], token_chunk):
         hc, lc = h[t0 : t0 + token_chunk].to(acc), labels[t0 : t0 + token_chunk]
-        tile_lse = [hc.new_full((hc.shape[0],), float("-inf"))]
+        # -inf (no rows) with a zero-gradient link to h and weight: a rank holding only TP
+        # padding still has a graph to run backward through.
+        tile_lse = [(hc @ weight[:1].to(acc).t())[:, 0] * 0 - float("inf")]
         tgt = hc.new_zeros(hc.shape[0])
         for v0 in range(0, n_valid, vocab_chunk):
             v1 = min(n_valid, v0 + vocab_chunk)
@@ -261,15 +263,18 @@ def softcap_ce_ref(
             hit = (col >= 0) & (col < v1 - v0)
             picked = c.gather(1, col.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
             tgt = tgt + torch.where(hit, picked, torch.zeros_like(picked))
-        lses.append(torch.logsumexp(torch.stack(tile_lse), dim=0))
+        # (one tile: no logsumexp over a lone -inf, whose gradient would be NaN)
+        lses.append(torch.logsumexp(torch.stack(tile_lse), dim=0) if n_valid else tile_lse[0])
         tgts.append(tgt)
     lse, tgt = torch.cat(lses), torch.cat(tgts)
     if _tp_size(tp_group) > 1:
         gm = lse.detach().clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=tp_group)
-        total = reduce_from_tensor_model_parallel_region(torch.exp(lse - gm), group=tp_group)
+        # megatron's all-reduce writes into its input: give it copies, not tensors that
+        # autograd saved (exp saves its output).
+        total = reduce_from_tensor_model_parallel_region(torch.exp(lse - gm).clone(), tp_group)
         lse = gm + torch.log(total)
-        tgt = reduce_from_tensor_model_parallel_region(tgt, group=tp_group)
+        tgt = reduce_from_tensor_model_parallel_region(tgt.clone(), group=tp_group)
     return (lse - tgt).masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
