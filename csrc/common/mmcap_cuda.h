@@ -2,6 +2,7 @@
 // CUDA headers only (no torch): .cu files stay fast to compile (KERNELS.md: 3 s vs 53 s per arch).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,6 +13,8 @@ namespace mmcap {
 // Storage dtype of a kernel's tensors; the *_api.cpp bindings map torch dtypes onto it.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// The bindings (*_api.cpp, host compiler) see only the host-compatible part of this header.
+#ifdef __CUDACC__
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -43,6 +46,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return v;
 }
 
+#endif  // __CUDACC__
+
 // Online-softmax pair (running max m, sum of exp(x - m)); merge is associative.
 struct MaxSum {
   float m;
@@ -54,6 +59,8 @@ __host__ __device__ __forceinline__ MaxSum merge_max_sum(MaxSum a, MaxSum b) {
   if (m == -INFINITY) return {m, 0.f};  // both empty: avoid (-inf) - (-inf)
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
+
+#ifdef __CUDACC__
 
 template <int kThreads>
 __device__ __forceinline__ MaxSum block_max_sum(MaxSum v, MaxSum* scratch) {
@@ -73,6 +80,8 @@ __device__ __forceinline__ MaxSum block_max_sum(MaxSum v, MaxSum* scratch) {
   }
   return v;
 }
+
+#endif  // __CUDACC__
 
 inline int grid_size(int64_t work_items, int64_t cap) {
   return static_cast<int>(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);

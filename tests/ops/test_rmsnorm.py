@@ -70,7 +70,9 @@ def test_opcheck():
 def test_torch_compile_matches_eager():
     x, w, dy = _inputs((3, 7, 16))
     fn = torch.compile(lambda a, b: rmsnorm_fwd(a, b, EPS)[0], backend="aot_eager", fullgraph=True)
-    for a, b in zip(_fwd_bwd(fn, x, w, dy), _fwd_bwd(lambda a, b: rmsnorm_fwd(a, b, EPS)[0], x, w, dy)):
+    for a, b in zip(
+        _fwd_bwd(fn, x, w, dy), _fwd_bwd(lambda a, b: rmsnorm_fwd(a, b, EPS)[0], x, w, dy)
+    ):
         assert torch.equal(a, b)
 
 

@@ -123,15 +123,13 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(softcap_ce_fwd, (h, w, labels, None, 5, 40, 64, 7))
     stats = softcap_ce_fwd(h, w, labels, 30.0, 0, 45, 8, 16)
     lse = stats[0] + torch.log(stats[1])
-    torch.library.opcheck(
-        softcap_ce_bwd, (h, w, labels, lse, grad.float(), 30.0, 0, 45, 8, 16)
-    )
+    torch.library.opcheck(softcap_ce_bwd, (h, w, labels, lse, grad.float(), 30.0, 0, 45, 8, 16))
 
 
 def test_torch_compile_matches_eager():
     h, w, labels, grad = _problem(dtype=torch.float32)
     fn = torch.compile(softcap_ce_fused, backend="aot_eager", fullgraph=True)
-    kw = dict(cap=30.0, vocab_size=45, token_chunk=8, vocab_chunk=16)
+    kw = {"cap": 30.0, "vocab_size": 45, "token_chunk": 8, "vocab_chunk": 16}
     got = _loss_and_grads(fn, h, w, labels, grad, **kw)
     want = _loss_and_grads(softcap_ce_fused, h, w, labels, grad, **kw)
     for a, b in zip(got, want):
