@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from mmcap.ops.kernels import load_extension, use_kernel
 
@@ -247,6 +246,13 @@ def softcap_ce_ref(
     vocab_size = vocab_start + weight.shape[0] if vocab_size is None else vocab_size
     check_inputs(h, weight, labels, cap, vocab_start, vocab_size, token_chunk, vocab_chunk)
     n_valid = _n_valid(vocab_start, vocab_size, weight.shape[0])
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():  # (a host sync; the reference runs on CPU)
+        raise ValueError(
+            f"softcap_ce: labels {labels[bad][:5].tolist()} at tokens "
+            f"{bad.nonzero()[:5, 0].tolist()} are outside [0, vocab_size={vocab_size}) and not "
+            f"ignore_index {IGNORE_INDEX}"
+        )
     acc = torch.promote_types(h.dtype, torch.float32)  # float64 stays float64 (tests)
     lses, tgts = [], []
     for t0 in range(0, h.shape[0], token_chunk):
@@ -268,6 +274,11 @@ def softcap_ce_ref(
         tgts.append(tgt)
     lse, tgt = torch.cat(lses), torch.cat(tgts)
     if _tp_size(tp_group) > 1:
+        # (imported here: the op itself needs no megatron-core, e.g. on a bare GPU box)
+        from megatron.core.tensor_parallel.mappings import (
+            reduce_from_tensor_model_parallel_region,
+        )
+
         gm = lse.detach().clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=tp_group)
         # megatron's all-reduce writes into its input: give it copies, not tensors that

@@ -102,6 +102,10 @@ def test_input_errors_name_the_argument():
         softcap_ce(h, w, labels.int(), cap=None)
     with pytest.raises(ValueError, match="weight"):
         softcap_ce(h, w[:, :3], labels, cap=None)
+    bad = labels.clone()
+    bad[3] = 45  # a TP padding row, not a real token
+    with pytest.raises(ValueError, match=r"labels \[45\] at tokens \[3\]"):
+        softcap_ce(h, w, bad, cap=None, vocab_size=45)
 
 
 def test_dispatch_on_cpu_is_the_reference(monkeypatch):
