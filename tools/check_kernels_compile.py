@@ -26,6 +26,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 # Register spills are build failures (KERNELS.md); -v prints registers / smem per kernel.
 STRICT = ["-Xptxas", "-v,--warn-on-spills,--warning-as-error", "-Werror", "all-warnings"]
+# What torch.utils.cpp_extension adds to every nvcc call of the real build (COMMON_NVCC_FLAGS
+# and -std=c++20):
+# no implicit half / bfloat16 conversions or operators, so the kernels must not rely on them.
+TORCH_NVCC = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+    "-std=c++20",
+]
 
 
 def toolkit_root() -> str:
@@ -82,7 +93,8 @@ def api_syntax_cmd(src: str, cuda_root: str) -> list[str]:
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{shim}", f"-I{cuda_root}/include"]
     incs.append(f"-I{sysconfig.get_paths()['include']}")
     return [
-        shutil.which("c++") or "c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror",
+        # c++20 as torch.utils.cpp_extension builds (torch 2.13's headers need it)
+        shutil.which("c++") or "c++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror",
         "-Wno-unused-function", "-DTORCH_EXTENSION_NAME=mmcap_check", *incs, src,
     ]  # fmt: skip
 
@@ -101,14 +113,16 @@ def main() -> int:
         for src in sources:
             rel = os.path.relpath(src, ROOT)
             obj = os.path.join(out, rel.replace(os.sep, "_") + ".o")
-            ok &= run([nvcc, *nvcc_flags(), *STRICT, "-c", src, "-o", obj], f"nvcc {rel}")
+            ok &= run(
+                [nvcc, *nvcc_flags(), *TORCH_NVCC, *STRICT, "-c", src, "-o", obj], f"nvcc {rel}"
+            )
         # The bindings are built by the host compiler and include each op's header: it must
         # not expose device-only code (cheap stand-in for --api; ~1 s per header).
         cxx = shutil.which("c++") or "c++"
         for hdr in sorted(glob.glob(os.path.join(CSRC, "*", "*.h"))):
             if os.path.basename(hdr) == "torch_api.h":  # torch side: --api covers it
                 continue
-            cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-x", "c++",
+            cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-x", "c++",
                    f"-I{cuda_root}/include", "-include", hdr, os.devnull]  # fmt: skip
             ok &= run(cmd, f"c++ host header {os.path.relpath(hdr, ROOT)}")
         if args.api:

@@ -3,7 +3,8 @@
 A decoder stage owns: the token embedding (first pipeline stage, ``pre_process``), its slice of
 the layers (``layer_range``, global indices), and the head (last stage, ``post_process``):
 optional final norm, tied vocab-parallel LM head, optional final-logit soft-cap, masking of the
-TP vocabulary padding, and megatron-core's vocab-parallel cross-entropy. The tied embedding is
+TP vocabulary padding (logits out), or with labels the fused vocab-parallel soft-capped
+cross-entropy of mmcap.ops.softcap_ce (per-token loss out, no full logits). The tied embedding is
 kept in sync between first and last stage by LanguageModule. Subclasses (Gemma-2, BART)
 provide the embedding, the layers and the final norm.
 
