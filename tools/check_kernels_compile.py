@@ -62,8 +62,8 @@ def run(cmd: list[str], what: str) -> bool:
     print(f"{what}: {status} in {took:.1f} s", flush=True)
     if proc.returncode != 0:
         print(proc.stdout + proc.stderr, flush=True)
-    else:
-        print(f"  {resource_summary(proc.stdout + proc.stderr)}", flush=True)
+    elif summary := resource_summary(proc.stdout + proc.stderr):
+        print(f"  {summary}", flush=True)
     return proc.returncode == 0
 
 
