@@ -109,6 +109,8 @@ def main(argv=None) -> int:
             results,
             "--pp",
             "2",
+            "--image-size",  # the demo model's 64 px (the official eval default is 224)
+            "checkpoint",
         ],
         log,
         env,

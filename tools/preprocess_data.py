@@ -34,6 +34,20 @@ def main(argv=None) -> int:
         action="store_true",
         help="check JPEG signature/header only instead of decoding every image",
     )
+    ap.add_argument(
+        "--long-entries",
+        choices=["reject", "keep"],
+        default="reject",
+        help="entries over --max-prompt-tokens / --max-target-tokens: skip (too_long) or keep "
+        "whole and crop when batched (official); counted in the manifest either way",
+    )
+    ap.add_argument(
+        "--truncated-images",
+        choices=["reject", "load"],
+        default="reject",
+        help="truncated JPEGs: skip (bad_image) or keep and load with the tail grey (official "
+        "PIL LOAD_TRUNCATED_IMAGES); counted in the manifest either way",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -48,6 +62,8 @@ def main(argv=None) -> int:
         max_text_chars=args.max_text_chars,
         workers=args.workers,
         verify_images=not args.no_verify_images,
+        long_entries=args.long_entries,
+        truncated_images=args.truncated_images,
     )
     manifest = preprocess(
         args.input,

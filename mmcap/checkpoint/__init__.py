@@ -4,7 +4,14 @@ from mmcap.checkpoint.dist import (
     CONFIG_FILE,
     load_model_checkpoint,
     read_checkpoint_info,
+    resolve_checkpoint_dir,
     save_model_checkpoint,
 )
 
-__all__ = ["CONFIG_FILE", "load_model_checkpoint", "read_checkpoint_info", "save_model_checkpoint"]
+__all__ = [
+    "CONFIG_FILE",
+    "load_model_checkpoint",
+    "read_checkpoint_info",
+    "resolve_checkpoint_dir",
+    "save_model_checkpoint",
+]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from mmcap.config import ModelConfig
+from mmcap.config.errors import CheckpointError
 from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
 
 CONFIG_FILE = "mmcap_model.json"
@@ -73,14 +74,54 @@ def save_model_checkpoint(
     return final
 
 
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a training run directory (``<save>`` with ``step_N`` and
+    ``latest``): its newest usable checkpoint, as ``--resume auto`` picks it."""
+    from mmcap.checkpoint.run_dir import latest_checkpoint
+
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file() or not p.is_dir():
+        return p
+    latest = latest_checkpoint(p)
+    return latest if latest is not None else p
+
+
 def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """(ModelConfig, metadata) of a checkpoint; a clear error if it is not one."""
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         hint = " (an interrupted save?)" if Path(str(ckpt_dir) + ".partial").exists() else ""
         raise FileNotFoundError(f"{ckpt_dir} is not an mmcap checkpoint: no {CONFIG_FILE}{hint}")
-    info = json.loads(path.read_text())
-    return model_config_from_dict(info["model"], where=str(path)), info.get("metadata", {})
+    try:
+        info = json.loads(path.read_text())
+        return model_config_from_dict(info["model"], where=str(path)), info.get("metadata", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _verify_on_rank0(ckpt_dir) -> None:
+    """Checksums of every file (rank 0 reads them), the verdict on every rank (collective)."""
+    from mmcap.checkpoint.integrity import skip_verification, verify_checksums
+
+    verdict = [None]
+    if _rank() == 0:
+        try:
+            verify_checksums(ckpt_dir, full=not skip_verification())
+        except CheckpointError as e:
+            verdict = [str(e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
+def _load(sharded: dict, ckpt_dir) -> dict:
+    try:
+        return dist_checkpointing.load(sharded, str(ckpt_dir))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as any reader error
+        raise CheckpointError(f"{ckpt_dir}: could not be read ({type(e).__name__}: {e})") from e
 
 
 def load_model_checkpoint(
@@ -96,17 +137,26 @@ def load_model_checkpoint(
     embedding lives in different chunks on the first and last stage). Keys ``chunk{i}`` nest
     the chunks as Megatron-LM's ``model{i}``.
     """
+    from mmcap.checkpoint.integrity import check_fits
+
     read_checkpoint_info(ckpt_dir)  # fails early with a clear message
+    _verify_on_rank0(ckpt_dir)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     chunks = [getattr(c, "module", c) for c in chunks]  # DDP-wrapped chunks
+    if strict:  # a checkpoint that does not fit is an error naming tensors and config fields
+        check_fits(
+            {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)},
+            ckpt_dir,
+            getattr(chunks[0], "model_config", None),
+        )
     # A training checkpoint (mmcap.train.checkpoint) also holds optimizer / RNG state: its
     # non-sharded ("common") part comes back merged into the result, so keep only our keys.
     if len(chunks) == 1:
         sharded = chunks[0].sharded_state_dict()
-        state = dist_checkpointing.load(sharded, str(ckpt_dir))
+        state = _load(sharded, ckpt_dir)
         chunks[0].load_state_dict({k: state[k] for k in sharded}, strict=strict)
         return
     sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    state = _load(sharded, ckpt_dir)
     for i, c in enumerate(chunks):
         c.load_state_dict({k: state[f"chunk{i}"][k] for k in sharded[f"chunk{i}"]}, strict=strict)

@@ -1,7 +1,9 @@
 """Typed configuration: model components, parallel layout, precision, named presets."""
 
+from mmcap.config.constants import DEFAULT_SEED, IGNORE_INDEX
+
+from mmcap.config.errors import ConfigError, require
 from mmcap.config.model import (
-    ConfigError,
     DecoderConfig,
     EncoderConfig,
     ModelConfig,
@@ -18,6 +20,8 @@ from mmcap.config.parallel import (
 from mmcap.config.presets import get_preset, list_presets, register_preset
 
 __all__ = [
+    "DEFAULT_SEED",
+    "IGNORE_INDEX",
     "ConfigError",
     "DecoderConfig",
     "EncoderConfig",
@@ -32,4 +36,5 @@ __all__ = [
     "get_preset",
     "list_presets",
     "register_preset",
+    "require",
 ]

@@ -11,20 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def _require(cond: bool, field_name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
+from mmcap.config.errors import ConfigError, require  # noqa: F401 - ConfigError re-exported
 
 
 def _positive(obj, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _require(
+        require(
             isinstance(v, int) and v > 0,
             f"{type(obj).__name__}.{n}",
             f"must be a positive integer, got {v!r}",
@@ -75,19 +68,19 @@ class VisionConfig:
             "patch_padding",
             "patch_prenorm",
         ):
-            _require(
+            require(
                 len(getattr(self, name)) == n,
                 f"VisionConfig.{name}",
                 f"needs one entry per stage ({n} stages from embed_dim), got "
                 f"{len(getattr(self, name))}",
             )
         for i, (d, h, g) in enumerate(zip(self.embed_dim, self.num_heads, self.num_groups)):
-            _require(
+            require(
                 d % h == 0,
                 "VisionConfig.num_heads",
                 f"stage {i}: embed_dim {d} is not divisible by num_heads {h}",
             )
-            _require(
+            require(
                 d % g == 0,
                 "VisionConfig.num_groups",
                 f"stage {i}: embed_dim {d} is not divisible by num_groups {g}",
@@ -96,7 +89,7 @@ class VisionConfig:
         total_stride = 1
         for s in self.patch_stride:
             total_stride *= s
-        _require(
+        require(
             self.image_size % total_stride == 0,
             "VisionConfig.image_size",
             f"must be a multiple of the total patch stride {total_stride}",
@@ -152,12 +145,12 @@ class EncoderConfig:
             "padded_vocab_size",
             "max_position_embeddings",
         )
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             "EncoderConfig.num_attention_heads",
             f"hidden_size {self.hidden_size} must be divisible by it ({self.num_attention_heads})",
         )
-        _require(
+        require(
             self.padded_vocab_size >= self.vocab_size,
             "EncoderConfig.padded_vocab_size",
             f"must be >= vocab_size {self.vocab_size}",
@@ -223,7 +216,7 @@ class DecoderConfig:
     decoder_start_token_id: int = 1
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.arch in ("gemma2", "bart"),
             "DecoderConfig.arch",
             f"must be 'gemma2' or 'bart', got {self.arch!r}",
@@ -239,7 +232,7 @@ class DecoderConfig:
             "vocab_size",
             "make_vocab_size_divisible_by",
         )
-        _require(
+        require(
             self.num_attention_heads % self.num_kv_heads == 0,
             "DecoderConfig.num_kv_heads",
             f"num_attention_heads {self.num_attention_heads} must be a multiple of "
@@ -247,40 +240,40 @@ class DecoderConfig:
         )
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
-            _require(
+            require(
                 len(self.layer_types) == self.num_layers,
                 "DecoderConfig.layer_types",
                 f"needs {self.num_layers} entries (one per layer), got "
                 f"{len(self.layer_types)}; or leave it None for HF's alternation",
             )
             bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
-            _require(
+            require(
                 not bad,
                 "DecoderConfig.layer_types",
                 f"entries must be 'sliding_attention' or 'full_attention', got {bad}",
             )
         if self.arch == "gemma2" and "sliding_attention" in self.resolved_layer_types:
-            _require(
+            require(
                 self.sliding_window is not None and self.sliding_window > 0,
                 "DecoderConfig.sliding_window",
                 "must be a positive integer when any layer is 'sliding_attention'",
             )
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             v = getattr(self, name)
-            _require(v is None or v > 0, f"DecoderConfig.{name}", f"must be None or > 0, got {v}")
-        _require(
+            require(v is None or v > 0, f"DecoderConfig.{name}", f"must be None or > 0, got {v}")
+        require(
             self.query_pre_attn_scalar > 0, "DecoderConfig.query_pre_attn_scalar", "must be > 0"
         )
         if self.gated_cross_attention or self.arch == "bart":
             _positive(self, "encoder_hidden_size")
         if self.arch == "bart":
-            _require(
+            require(
                 self.num_attention_heads * self.head_dim == self.hidden_size,
                 "DecoderConfig.head_dim",
                 f"BART needs num_attention_heads x head_dim == hidden_size "
                 f"({self.num_attention_heads} x {self.head_dim} != {self.hidden_size})",
             )
-            _require(
+            require(
                 self.num_kv_heads == self.num_attention_heads,
                 "DecoderConfig.num_kv_heads",
                 "BART has no GQA: set num_kv_heads = num_attention_heads",
@@ -324,7 +317,7 @@ class TrainableConfig:
     decoder: Literal["all", "cross_attention"] | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.decoder in (None, "all", "cross_attention"),
             "TrainableConfig.decoder",
             f"must be None, 'all' or 'cross_attention', got {self.decoder!r}",
@@ -338,29 +331,49 @@ class TrainableConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole captioning model: vision tower + BART encoder + decoder."""
+    """The whole captioning model: vision tower + BART encoder + decoder.
+
+    Args:
+        vision_train_mode: keep the FROZEN vision tower in train mode whenever the model trains,
+            so its drop-path (``VisionConfig.drop_path_rate``, 0.1) is active on frozen weights,
+            as in the official implementation (the HF Trainer's ``model.train()`` reaches the
+            frozen DaViT). Still no gradients and no autograd graph. Default False (mmcap): the
+            frozen tower always runs in eval mode, deterministic and equal to cached features.
+    """
 
     name: str = "custom"
     vision: VisionConfig = field(default_factory=VisionConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    vision_train_mode: bool = False
 
     def __post_init__(self) -> None:
-        _require(
+        require(
+            isinstance(self.vision_train_mode, bool),
+            "ModelConfig.vision_train_mode",
+            f"must be true or false, got {self.vision_train_mode!r}",
+        )
+        require(
+            not (self.vision_train_mode and self.trainable.vision),
+            "ModelConfig.vision_train_mode",
+            "applies to a frozen vision tower only; a trainable one (trainable.vision=true) "
+            "follows the model's mode anyway: leave vision_train_mode false",
+        )
+        require(
             self.vision.projection_dim == self.encoder.hidden_size,
             "VisionConfig.projection_dim",
             f"image tokens ({self.vision.projection_dim}) must have the encoder width "
             f"({self.encoder.hidden_size})",
         )
         if self.trainable.decoder_policy(self.decoder.arch) == "cross_attention":
-            _require(
+            require(
                 self.decoder.gated_cross_attention,
                 "TrainableConfig.decoder",
                 "'cross_attention' needs a decoder with gated cross-attention (Gemma sizes)",
             )
         if self.decoder.arch == "bart" or self.decoder.gated_cross_attention:
-            _require(
+            require(
                 self.decoder.encoder_hidden_size == self.encoder.hidden_size,
                 "DecoderConfig.encoder_hidden_size",
                 f"must equal the encoder width {self.encoder.hidden_size}, got "

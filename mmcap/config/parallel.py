@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mmcap.config.model import ConfigError, DecoderConfig, ModelConfig, _require
+from mmcap.config.errors import ConfigError, require
+from mmcap.config.model import DecoderConfig, ModelConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 
@@ -35,24 +36,24 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel"):
             v = getattr(self, name)
-            _require(
+            require(
                 isinstance(v, int) and v >= 1,
                 f"ParallelConfig.{name}",
                 f"must be an integer >= 1, got {v!r}",
             )
         if self.virtual_pipeline_parallel is not None:
-            _require(
+            require(
                 self.virtual_pipeline_parallel >= 1,
                 "ParallelConfig.virtual_pipeline_parallel",
                 "must be None or >= 1",
             )
-            _require(
+            require(
                 self.pipeline_parallel > 1 or self.virtual_pipeline_parallel == 1,
                 "ParallelConfig.virtual_pipeline_parallel",
                 "the interleaved schedule needs pipeline_parallel > 1; set it to None",
             )
         if self.sequence_parallel:
-            _require(
+            require(
                 self.tensor_parallel > 1,
                 "ParallelConfig.sequence_parallel",
                 "needs tensor_parallel > 1 (it shards activations over the TP group); "
@@ -66,7 +67,7 @@ class ParallelConfig:
     def resolve_data_parallel(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises if TP x PP does not divide it."""
         mp = self.model_parallel_size
-        _require(
+        require(
             world_size % mp == 0,
             "ParallelConfig",
             f"world size {world_size} is not divisible by tensor_parallel x "
@@ -74,7 +75,7 @@ class ParallelConfig:
         )
         dp = world_size // mp
         if self.data_parallel is not None:
-            _require(
+            require(
                 self.data_parallel == dp,
                 "ParallelConfig.data_parallel",
                 f"is {self.data_parallel} but world size {world_size} / (TP x PP = {mp}) "
@@ -99,12 +100,12 @@ class PrecisionConfig:
     grad_reduce_in_fp32: bool = True
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.params_dtype in ("fp32", "bf16", "fp16"),
             "PrecisionConfig.params_dtype",
             f"must be 'fp32', 'bf16' or 'fp16', got {self.params_dtype!r}",
         )
-        _require(
+        require(
             self.fp8 in (None, "hybrid", "e4m3"),
             "PrecisionConfig.fp8",
             f"must be None, 'hybrid' or 'e4m3', got {self.fp8!r}",
@@ -122,26 +123,26 @@ class PrecisionConfig:
 def validate_decoder_layout(decoder: DecoderConfig, parallel: ParallelConfig) -> None:
     """Check that ``parallel`` can split ``decoder``; raise ConfigError naming field and fix."""
     tp = parallel.tensor_parallel
-    _require(
+    require(
         decoder.num_attention_heads % tp == 0,
         "ParallelConfig.tensor_parallel",
         f"{tp} does not divide the decoder's num_attention_heads "
         f"{decoder.num_attention_heads}; choose a divisor of it",
     )
-    _require(
+    require(
         decoder.num_kv_heads % tp == 0,
         "ParallelConfig.tensor_parallel",
         f"{tp} does not divide the decoder's num_kv_heads {decoder.num_kv_heads} "
         f"(megatron-core splits whole query groups); choose a divisor of "
         f"{decoder.num_kv_heads}",
     )
-    _require(
+    require(
         decoder.ffn_hidden_size % tp == 0,
         "ParallelConfig.tensor_parallel",
         f"{tp} does not divide the decoder's ffn_hidden_size {decoder.ffn_hidden_size}",
     )
     chunks = parallel.pipeline_parallel * (parallel.virtual_pipeline_parallel or 1)
-    _require(
+    require(
         decoder.num_layers % chunks == 0,
         "ParallelConfig.pipeline_parallel",
         f"pipeline_parallel x virtual_pipeline_parallel = {chunks} does not divide the "
@@ -154,13 +155,13 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Check that ``parallel`` can split the whole ``model`` (encoder and decoder)."""
     validate_decoder_layout(model.decoder, parallel)
     tp = parallel.tensor_parallel
-    _require(
+    require(
         model.encoder.num_attention_heads % tp == 0,
         "ParallelConfig.tensor_parallel",
         f"{tp} does not divide the encoder's num_attention_heads "
         f"{model.encoder.num_attention_heads}; choose a divisor of it",
     )
-    _require(
+    require(
         model.encoder.ffn_hidden_size % tp == 0,
         "ParallelConfig.tensor_parallel",
         f"{tp} does not divide the encoder's ffn_hidden_size {model.encoder.ffn_hidden_size}",

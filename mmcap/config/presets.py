@@ -15,6 +15,13 @@ from mmcap.config.model import ConfigError, DecoderConfig, EncoderConfig, ModelC
 FLORENCE_DECODER_VOCAB = 257024
 BART_VOCAB = 51289
 BART_VOCAB_PADDED = 51328  # 51,289 padded to a multiple of 64 (Florence sizes, SYSTEM.md)
+# Official models/florence2.py hard-codes `30 * tanh(logits / 30)` in the Florence-2 language
+# model's forward, before the loss (SYSTEM.md "Decoder side, Florence-2 sizes").
+FLORENCE_FINAL_LOGIT_SOFTCAP = 30.0
+# BART position tables (official data/pretrained/*/config.json): 4096 positions (4,098 rows)
+# for every large size's encoder and Florence-2-large's decoder; florence-2-base keeps 1024.
+POSITIONS_BASE = 1024
+POSITIONS_LARGE = 4096
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -60,17 +67,27 @@ def _vision_large(**kw) -> VisionConfig:
 
 def _encoder_base(**kw) -> EncoderConfig:
     return EncoderConfig(
-        num_layers=6, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, **kw
+        num_layers=6,
+        hidden_size=768,
+        num_attention_heads=12,
+        ffn_hidden_size=3072,
+        max_position_embeddings=POSITIONS_BASE,
+        **kw,
     )
 
 
 def _encoder_large(**kw) -> EncoderConfig:
     return EncoderConfig(
-        num_layers=12, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, **kw
+        num_layers=12,
+        hidden_size=1024,
+        num_attention_heads=16,
+        ffn_hidden_size=4096,
+        max_position_embeddings=POSITIONS_LARGE,
+        **kw,
     )
 
 
-def _bart_decoder(layers: int, width: int, heads: int, ffn: int) -> DecoderConfig:
+def _bart_decoder(layers: int, width: int, heads: int, ffn: int, positions: int) -> DecoderConfig:
     return DecoderConfig(
         arch="bart",
         num_layers=layers,
@@ -80,11 +97,11 @@ def _bart_decoder(layers: int, width: int, heads: int, ffn: int) -> DecoderConfi
         num_kv_heads=heads,
         head_dim=width // heads,
         vocab_size=FLORENCE_DECODER_VOCAB,
-        max_position_embeddings=1024,
+        max_position_embeddings=positions,
         activation="gelu",
         norm_eps=1e-5,
         attn_logit_softcap=None,
-        final_logit_softcap=None,
+        final_logit_softcap=FLORENCE_FINAL_LOGIT_SOFTCAP,
         sliding_window=None,
         gated_cross_attention=False,
         encoder_hidden_size=width,
@@ -124,14 +141,20 @@ def gemma2_9b_decoder(**kw) -> DecoderConfig:
 @register_preset("florence-2-base")
 def florence_2_base() -> ModelConfig:
     return ModelConfig(
-        "florence-2-base", _vision_base(), _encoder_base(), _bart_decoder(6, 768, 12, 3072)
+        "florence-2-base",
+        _vision_base(),
+        _encoder_base(),
+        _bart_decoder(6, 768, 12, 3072, POSITIONS_BASE),
     )
 
 
 @register_preset("florence-2-large")
 def florence_2_large() -> ModelConfig:
     return ModelConfig(
-        "florence-2-large", _vision_large(), _encoder_large(), _bart_decoder(12, 1024, 16, 4096)
+        "florence-2-large",
+        _vision_large(),
+        _encoder_large(),
+        _bart_decoder(12, 1024, 16, 4096, POSITIONS_LARGE),
     )
 
 
@@ -203,8 +226,7 @@ def debug_gemma() -> ModelConfig:
 
 @register_preset("debug-florence")
 def debug_florence() -> ModelConfig:
-    # Same BART shape on both sides (as Florence-2; one HF BartConfig describes both stacks).
-    dec = dataclasses.replace(
-        _bart_decoder(2, 64, 4, 128), vocab_size=1000, max_position_embeddings=256
-    )
+    # Same BART shape on both sides (as Florence-2; one HF BartConfig describes both stacks);
+    # the final logit soft-cap 30 of the Florence family comes with _bart_decoder.
+    dec = dataclasses.replace(_bart_decoder(2, 64, 4, 128, 256), vocab_size=1000)
     return ModelConfig("debug-florence", _debug_vision(), _debug_encoder(), dec)

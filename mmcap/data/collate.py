@@ -1,7 +1,9 @@
 """Padded encoder/decoder token batches for the model (no packing).
 
 For entry ``i`` with prompt ids ``p`` (BART, ``<s> ... </s>``) and target ids ``t``
-(Gemma, ``<bos> ... <eos>``), cropped to the configured lengths as the official loader does:
+(Gemma, ``<bos> ... <eos>``), cropped to the configured lengths as the official loader does
+(``p[:Lp]``; with ``keep_eos_on_crop`` a cropped sequence ends in its own last token instead,
+``p[:Lp - 1] + p[-1:]``, as the official CE eval's tokenizer truncation):
 
 - ``encoder_input_ids[i]  = p[:Lp]`` padded with BART ``<pad>`` (1), mask True on tokens;
 - ``labels[i]            = t[:Lt]`` padded with ``ignore_index`` (-100);
@@ -44,11 +46,18 @@ class TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
-def _padded_len(longest: int, cap: int, cfg: BatchConfig) -> int:
+def padded_length(longest: int, cap: int, cfg: BatchConfig) -> int:
+    """Padded length of a batch whose longest (cropped) sequence has ``longest`` tokens."""
     if cfg.pad_to == "max":
         return cap
     m = cfg.pad_multiple
     return min(cap, -(-max(longest, 1) // m) * m)  # round up to the multiple, crop to the cap
+
+
+def _crop(ids: np.ndarray, n: int, cfg: BatchConfig) -> np.ndarray:
+    if len(ids) <= n or not cfg.keep_eos_on_crop:
+        return ids[:n]
+    return np.concatenate([ids[: n - 1], ids[-1:]])
 
 
 def collate_tokens(
@@ -60,17 +69,18 @@ def collate_tokens(
     b = len(prompts)
     p_len = [min(len(p), cfg.max_prompt_tokens) for p in prompts]
     t_len = [min(len(t), cfg.max_target_tokens) for t in targets]
-    lp = _padded_len(max(p_len, default=1), cfg.max_prompt_tokens, cfg)
-    lt = _padded_len(max(t_len, default=1), cfg.max_target_tokens, cfg)
+    lp = padded_length(max(p_len, default=1), cfg.max_prompt_tokens, cfg)
+    lt = padded_length(max(t_len, default=1), cfg.max_target_tokens, cfg)
     enc = np.full((b, lp), cfg.encoder_pad_id, dtype=np.int64)
     labels = np.full((b, lt), cfg.ignore_index, dtype=np.int64)
     dec = np.full((b, lt), cfg.decoder_pad_id, dtype=np.int64)
     dec[:, 0] = cfg.decoder_start_id
     for i in range(b):
         n, m = p_len[i], t_len[i]
-        enc[i, :n] = prompts[i][:n]
-        labels[i, :m] = targets[i][:m]
-        dec[i, 1:m] = targets[i][: m - 1]
+        p, t = _crop(prompts[i], n, cfg), _crop(targets[i], m, cfg)
+        enc[i, :n] = p
+        labels[i, :m] = t
+        dec[i, 1:m] = t[: m - 1]
     p_len_a, t_len_a = np.asarray(p_len), np.asarray(t_len)
     enc_mask = np.arange(lp)[None, :] < p_len_a[:, None]
     dec_mask = np.arange(lt)[None, :] < t_len_a[:, None]
@@ -87,10 +97,14 @@ def collate_tokens_ref(
     prompts: list[list[int]], targets: list[list[int]], cfg: BatchConfig
 ) -> dict:
     """Plain-Python reference of :func:`collate_tokens` (lists of lists), for tests."""
-    p = [list(x)[: cfg.max_prompt_tokens] for x in prompts]
-    t = [list(x)[: cfg.max_target_tokens] for x in targets]
-    lp = _padded_len(max(map(len, p), default=1), cfg.max_prompt_tokens, cfg)
-    lt = _padded_len(max(map(len, t), default=1), cfg.max_target_tokens, cfg)
+    def crop(x, n):
+        x = list(x)
+        return x[: n - 1] + x[-1:] if cfg.keep_eos_on_crop and len(x) > n else x[:n]
+
+    p = [crop(x, cfg.max_prompt_tokens) for x in prompts]
+    t = [crop(x, cfg.max_target_tokens) for x in targets]
+    lp = padded_length(max(map(len, p), default=1), cfg.max_prompt_tokens, cfg)
+    lt = padded_length(max(map(len, t), default=1), cfg.max_target_tokens, cfg)
     shifted = [[cfg.decoder_start_id] + x[:-1] if x else [cfg.decoder_start_id] for x in t]
     return {
         "encoder_input_ids": [x + [cfg.encoder_pad_id] * (lp - len(x)) for x in p],

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mmcap.data.config import ImageConfig
+from mmcap.data.records import pil_load_truncated
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class PILDecoder(ImageDecoder):
         from PIL import Image
 
         s = self.cfg.size
-        with Image.open(io.BytesIO(jpeg)) as im:
+        with Image.open(io.BytesIO(jpeg)) as im, pil_load_truncated(self.cfg.load_truncated):
             im = im.convert("RGB")
             if im.size != (s, s):
                 im = im.resize((s, s), Image.BICUBIC)

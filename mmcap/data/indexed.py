@@ -230,6 +230,16 @@ class _TokenStore:
         self.dtype = np.dtype(index.dtype)
         self.lengths = index.sequence_lengths
         self.starts = index.sequence_pointers // self.dtype.itemsize
+        if len(self.lengths):
+            # A truncated .bin would turn every item after the cut into garbage (or a counted
+            # blank image): check its size against the index once, at open.
+            need = int(index.sequence_pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize
+            have = Path(prefix + ".bin").stat().st_size
+            if have < need:
+                raise ValueError(
+                    f"{prefix}.bin: {have} bytes, but its index needs {need} (truncated or "
+                    "partly copied); copy the dataset again or rerun tools/preprocess_data.py"
+                )
         # Plain ndarray view: slicing an np.memmap subclass costs ~1 us more per item.
         self.flat = np.memmap(prefix + ".bin", dtype=self.dtype, mode="r").view(np.ndarray)
 

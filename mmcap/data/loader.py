@@ -204,6 +204,9 @@ def _ignore_termination(_worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from mmcap.parallel.lifetime import die_with_parent
+
+    die_with_parent()  # a worker never outlives its rank (even one killed with SIGKILL)
 
 
 def gather_features(stores: list, datasets: np.ndarray, rows: np.ndarray) -> torch.Tensor:

@@ -34,6 +34,9 @@ class DatasetStats:
         self.rejects: Counter = Counter()
         self.records_seen = self.records_kept = 0
         self.entries_seen = self.entries_kept = 0
+        # Over the preprocessing token limits / truncated JPEGs: kept or rejected, per the
+        # PreprocessConfig switches, and counted either way.
+        self.long_entries = self.truncated_images = 0
 
     def add_entry(self, key: str, n_prompt: int, n_output: int) -> None:
         task, lang = key.split("-")
@@ -60,6 +63,8 @@ class DatasetStats:
             "records_kept": self.records_kept,
             "entries_seen": self.entries_seen,
             "entries_kept": self.entries_kept,
+            "long_entries": self.long_entries,
+            "truncated_images": self.truncated_images,
         }
 
     @classmethod
@@ -69,6 +74,8 @@ class DatasetStats:
         s.rejects = Counter(d["rejects"])
         for f in ("records_seen", "records_kept", "entries_seen", "entries_kept"):
             setattr(s, f, d[f])
+        s.long_entries = d.get("long_entries", 0)
+        s.truncated_images = d.get("truncated_images", 0)
         return s
 
     def merge(self, other: DatasetStats) -> None:
@@ -82,7 +89,14 @@ class DatasetStats:
                         else table.get(lang, 0) + v
                     )
         self.rejects.update(other.rejects)
-        for f in ("records_seen", "records_kept", "entries_seen", "entries_kept"):
+        for f in (
+            "records_seen",
+            "records_kept",
+            "entries_seen",
+            "entries_kept",
+            "long_entries",
+            "truncated_images",
+        ):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def per_key(self) -> dict[str, int]:
@@ -116,6 +130,8 @@ def build_manifest(
             "records_seen": stats.records_seen,
             "records_kept": stats.records_kept,
             "entries_seen": stats.entries_seen,
+            "long_entries": stats.long_entries,
+            "truncated_images": stats.truncated_images,
         },
         "per_key": stats.per_key(),
         "token_stats": stats.tok,

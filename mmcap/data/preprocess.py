@@ -34,6 +34,7 @@ from mmcap.data.records import (
     check_jpeg,
     iter_jsonl,
     iter_tar,
+    loads_truncated,
     parse_data_member,
     parse_jsonl_line,
     validate_entry,
@@ -124,14 +125,19 @@ class _ShardJob:
 
     def _tokenize(self, record: str, clean: list) -> list:
         """[(entry index, CleanEntry)] -> [(entry index, CleanEntry, prompt ids, target ids)];
-        over-long entries are rejected."""
+        over-long entries are counted, and rejected unless ``long_entries="keep"``."""
         if not clean:
             return []
         p_ids = _WORKER["prompt"].encode([c.prompt_text for _, c in clean])
         t_ids = _WORKER["target"].encode([c.output for _, c in clean])
         out = []
+        keep_long = self.cfg.long_entries == "keep"
         for (j, c), p, t in zip(clean, p_ids, t_ids):
-            if len(p) > self.cfg.max_prompt_tokens:
+            long = len(p) > self.cfg.max_prompt_tokens or len(t) > self.cfg.max_target_tokens
+            self.stats.long_entries += long
+            if keep_long or not long:
+                out.append((j, c, p, t))
+            elif len(p) > self.cfg.max_prompt_tokens:
                 self._reject(
                     record,
                     j,
@@ -151,9 +157,18 @@ class _ShardJob:
                         f"{len(t)} target tokens > {self.cfg.max_target_tokens}",
                     ),
                 )
-            else:
-                out.append((j, c, p, t))
         return out
+
+    def _check_image(self, jpg: bytes) -> str | None:
+        """Why the JPEG is not kept, or None; a truncated one is counted, and kept when
+        ``truncated_images="load"``."""
+        err = check_jpeg(jpg, self.cfg.verify_images)
+        if err and self.cfg.verify_images and loads_truncated(jpg):
+            self.stats.truncated_images += 1
+            if self.cfg.truncated_images == "load":
+                return None
+            err = f"truncated JPEG ({err}); truncated_images='load' keeps it"
+        return err
 
     def _write(self, tokenized: list, record_id: str, record: int, image: int, group: int) -> None:
         for j, c, p, t in tokenized:
@@ -181,7 +196,7 @@ class _ShardJob:
                 jpg = item.members.get("jpg", item.members.get("jpeg"))
                 if jpg is None:
                     raise EntryError("missing_field", "jpg", "no .jpg member")
-                err = check_jpeg(jpg, self.cfg.verify_images)
+                err = self._check_image(jpg)
                 if err:
                     raise EntryError("bad_image", "jpg", err)
             except EntryError as e:
@@ -214,7 +229,7 @@ class _ShardJob:
         if path not in images:
             try:
                 data = path.read_bytes()
-                err = check_jpeg(data, self.cfg.verify_images)
+                err = self._check_image(data)
             except OSError as e:
                 err = f"cannot read {path}: {e.strerror or e}"
             images[path] = err or (self.writer.add_image(data), self.writer.new_group())

@@ -132,6 +132,42 @@ def build_prompt(task_string: str) -> str:
     return f"{LANG_MODIFIERS['<LANG_' + t.lang.upper() + '>']} {text}"
 
 
+LANG_MODIFIER_PREFIX = "The target language is "
+
+
+def parse_expanded_prompt(text: str) -> tuple[str | None, str | None, str | None]:
+    """(language named, task token, translation source) of an already EXPANDED prompt.
+
+    Official fine-tuning tars (``finetuning_dataset/bake.py``) store the processor's output,
+    e.g. ``"The target language is German. What does the image describe?"``. The language is
+    None without a modifier sentence; the task token is None when the task text is none of the
+    official templates (the text is still a valid prompt: it is fed to the encoder as is);
+    the source is set for ``"Translate the following text: {src}"`` only. ValueError when the
+    text opens with a modifier sentence naming a language outside :data:`LANG_NAMES`.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be str, got {type(text).__name__}")
+    lang, rest = None, text
+    if rest.startswith(LANG_MODIFIER_PREFIX):
+        for code, modifier in ((c, LANG_MODIFIERS[f"<LANG_{c.upper()}>"]) for c in LANGS):
+            if rest == modifier or rest.startswith(modifier + " "):
+                lang, rest = code, rest[len(modifier) + 1 :]
+                break
+        else:
+            named = rest[len(LANG_MODIFIER_PREFIX) :].split(".", 1)[0]
+            raise ValueError(
+                f"prompt names target language {named!r}, not one of "
+                f"{sorted(LANG_NAMES.values())}: {text[:80]!r}"
+            )
+    for token, task_text in CAPTION_TOKENS.items():
+        if rest == task_text:
+            return lang, token, None
+    head = TRANSLATE_TEMPLATE.split("{src}")[0]
+    if rest.startswith(head):
+        return lang, TRANSLATE_TOKEN, rest[len(head) :]
+    return lang, None, None
+
+
 def task_string(task_type: str, lang: str | None, source: str | None = None) -> str:
     """Inverse of :func:`parse_task_string` for the short caption and translation tasks."""
     mod = "" if lang is None else f"<LANG_{lang.upper()}>"

@@ -1,14 +1,17 @@
 """Reading and validating raw input records: official webdataset tars and JSONL.
 
 A *record* is one tar sample (``{key}.jpg`` + ``{key}.data``, the .data a JSON list of
-``{type, lang, prompt, output}``) or one JSONL line (``{"id", "image", "type", "lang",
-"prompt", "output"}``). An *entry* is one (type, lang, prompt, output) of a record.
-Validation returns either clean texts or a :class:`Reject` naming the record, field and reason;
-the reasons are :data:`REJECT_REASONS`.
+``{type, lang, prompt, output}``; the prompt is a task string such as ``"<LANG_DE><CAPTION>"``
+in the pretraining tars, or the already expanded English text in the fine-tuning tars, whose
+entries also carry ``img_path``, ``prompt_ids`` and ``output_ids``, not used here) or one
+JSONL line (``{"id", "image", "type", "lang", "prompt", "output"}``). An *entry* is one
+(type, lang, prompt, output) of a record. Validation returns either clean texts or a
+:class:`Reject` naming the record, field and reason; the reasons are :data:`REJECT_REASONS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -16,7 +19,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from mmcap.data.prompts import LANGS, TASK_TYPES, TRANSLATE_TOKEN, build_prompt, parse_task_string
+from mmcap.data.prompts import (
+    LANGS,
+    TASK_TOKEN_TYPES,
+    TASK_TYPES,
+    TRANSLATE_TOKEN,
+    build_prompt,
+    parse_expanded_prompt,
+    parse_task_string,
+)
 
 REJECT_REASONS = (
     "bad_image",  # not a JPEG, corrupt, truncated, unreadable image file
@@ -85,6 +96,38 @@ def check_jpeg(data: bytes, full_decode: bool = True) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def pil_load_truncated(enabled: bool = True):
+    """PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` set within the block (the
+    official loader sets it for good); decoding threads must not overlap other PIL loads."""
+    from PIL import ImageFile
+
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = enabled or old
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def loads_truncated(data: bytes) -> bool:
+    """True if ``data`` is a truncated JPEG that PIL decodes with ``LOAD_TRUNCATED_IMAGES``
+    (the official loader's setting; the missing tail comes out grey)."""
+    from PIL import Image
+
+    if not data.startswith(JPEG_MAGIC):
+        return False
+    try:
+        with pil_load_truncated(), Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                return False
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception:  # noqa: BLE001  (still corrupt: not merely truncated)
+        return False
+    return True
+
+
 def _text(value, name: str, max_chars: int) -> str:
     if not isinstance(value, str):
         raise EntryError(
@@ -117,6 +160,8 @@ def validate_entry(entry, max_chars: int) -> CleanEntry:
         raise EntryError("bad_task", "lang", f"lang {lang!r} is not one of {LANGS}")
     prompt = _text(entry["prompt"], "prompt", max_chars)
     output = _text(entry["output"], "output", max_chars)
+    if not prompt.startswith("<"):
+        return _expanded_entry(prompt, output, task_type, lang)
     try:
         parsed = parse_task_string(prompt)
     except ValueError as e:
@@ -130,6 +175,32 @@ def validate_entry(entry, max_chars: int) -> CleanEntry:
     if parsed.task_token == TRANSLATE_TOKEN and not parsed.source.strip():
         raise EntryError("empty_text", "prompt", "translation source is empty")
     return CleanEntry(f"{task_type}-{lang}", parsed.task_token, build_prompt(prompt), output)
+
+
+def _expanded_entry(prompt: str, output: str, task_type: str, lang: str) -> CleanEntry:
+    """An entry whose prompt is already expanded text (official fine-tuning tars): the text is
+    the encoder prompt as is; type and lang come from the entry and must agree with what the
+    text names (its language sentence, its task template). A text that is none of the
+    official templates is kept with the generic task token of its type (``<CAPTION>`` /
+    ``<TRANSLATE>``), which only labels the stored entry."""
+    try:
+        named_lang, token, source = parse_expanded_prompt(prompt)
+    except ValueError as e:
+        raise EntryError("bad_task", "prompt", str(e)) from None
+    if (token is not None and TASK_TOKEN_TYPES[token] != task_type) or (
+        named_lang is not None and named_lang != lang
+    ):
+        raise EntryError(
+            "bad_task",
+            "prompt",
+            f"prompt {prompt[:80]!r} names task {TASK_TOKEN_TYPES.get(token)!r} and language "
+            f"{named_lang!r}, disagreeing with type={task_type!r} lang={lang!r}",
+        )
+    if token == TRANSLATE_TOKEN and not source.strip():
+        raise EntryError("empty_text", "prompt", "translation source is empty")
+    if token is None:
+        token = TRANSLATE_TOKEN if task_type == "translation" else "<CAPTION>"
+    return CleanEntry(f"{task_type}-{lang}", token, prompt, output)
 
 
 @dataclass

@@ -5,7 +5,8 @@
 - :func:`build_tiny_bart_tokenizer`: a byte-level BPE in the Florence-2/BART layout
   (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>``) loadable by ``AutoTokenizer``.
 - :func:`make_jpeg`, :func:`write_official_tar`, :func:`write_jsonl`, :func:`synthetic_entries`:
-  real JPEG bytes and the official webdataset / JSONL input layouts.
+  real JPEG bytes and the official webdataset / JSONL input layouts;
+  :func:`finetuning_entries` and :func:`write_finetuning_tars`: the official fine-tuning tars.
 - :func:`write_synthetic_dataset`: a complete indexed dataset of random ids (benchmarks, demos).
 
 Everything is deterministic from its seed.
@@ -178,16 +179,77 @@ def write_official_tar(
 ) -> Path:
     """Write a webdataset tar: per sample ``{key}.jpg`` and ``{key}.data`` (raw bytes; None
     leaves the member out). ``.data`` is usually ``json.dumps(entries).encode()``."""
+    return _write_tar(path, samples, order=("jpg", "data"))
+
+
+def _write_tar(path, samples, order: tuple[str, str]) -> Path:
     path = Path(path)
     with tarfile.open(path, "w") as tar:
         for key, jpg, data in samples:
-            for ext, payload in (("jpg", jpg), ("data", data)):
+            payloads = {"jpg": jpg, "data": data}
+            for ext, payload in ((e, payloads[e]) for e in order):
                 if payload is None:
                     continue
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     return path
+
+
+FINETUNING_PER_TAR = 5_000  # official finetuning_dataset/bake.py COUNT_PER_TAR
+
+
+def finetuning_entries(
+    rng: random.Random, keys: list[str], img_path: str, prompt_tokenizer=None, target_tokenizer=None
+) -> list[dict]:
+    """Official fine-tuning .data entries of one image (``finetuning_dataset/bake.py``): the
+    EXPANDED prompt, ``img_path``, and ``prompt_ids`` / ``output_ids`` from the given
+    :class:`~mmcap.data.tokenizers.PromptTokenizer` / ``TargetTokenizer`` (empty lists
+    without), in the official field order."""
+    from mmcap.data.prompts import build_prompt
+
+    out = []
+    for key in keys:
+        task, lang = key.split("-")
+        mod = f"<LANG_{lang.upper()}>"
+        if task == "caption":
+            task_string = mod + rng.choice(list(CAPTION_TOKENS))
+        else:
+            task_string = f"{mod}<TRANSLATE>{sentence(rng, 'en')}"
+        prompt, output = build_prompt(task_string), sentence(rng, lang)
+        enc = prompt_tokenizer.encode([prompt])[0].tolist() if prompt_tokenizer else []
+        dec = target_tokenizer.encode([output])[0].tolist() if target_tokenizer else []
+        out.append(
+            {
+                "img_path": img_path,
+                "prompt": prompt,
+                "prompt_ids": enc,
+                "output": output,
+                "output_ids": dec,
+                "type": task,
+                "lang": lang,
+            }
+        )
+    return out
+
+
+def write_finetuning_tars(
+    out_dir: str | Path, records: list[tuple[bytes, list[dict]]], per_tar: int = FINETUNING_PER_TAR
+) -> list[Path]:
+    """Write (jpg, entries) records as the official fine-tuning tars: webdataset's ShardWriter
+    layout, ``%06d.tar`` with ``per_tar`` records each, keys ``%06d`` counting across tars,
+    members in sorted extension order (``.data`` then ``.jpg``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t, start in enumerate(range(0, len(records), per_tar)):
+        chunk = records[start : start + per_tar]
+        samples = [
+            (f"{start + i:06d}", jpg, json.dumps(entries).encode("utf-8"))
+            for i, (jpg, entries) in enumerate(chunk)
+        ]
+        paths.append(_write_tar(out / f"{t:06d}.tar", samples, order=("data", "jpg")))
+    return paths
 
 
 def write_jsonl(path: str | Path, lines: list[dict | bytes]) -> Path:

@@ -15,10 +15,9 @@ How the work is laid out:
 - Within each group entries are sorted by (target, prompt) length (less padding), cut into
   micro-batches, and the micro-batches dealt round-robin to the data-parallel ranks; every
   TP/PP rank of one model replica makes the same plan.
-- Micro-batches of equal shape run through ONE ``get_forward_backward_func()`` call with
-  ``forward_only=True`` (no pipelining, 1F1B or interleaved); the stage tensor carries the
-  packed encoder output, so ``seq_length`` counts the packed rows (as in
-  :func:`mmcap.train.step.train_step`). Interleaved runs are topped up with filler copies to
+- Micro-batches of equal shape run through ONE megatron-core schedule call with
+  ``forward_only=True`` (:func:`mmcap.model.stage_io.run_schedule`, the call training uses;
+  no pipelining, 1F1B or interleaved). Interleaved runs are topped up with filler copies to
   a multiple of PP (megatron-core's micro-batch grouping); their losses are dropped.
 - The last pipeline stage's TP rank 0 of each DP replica holds the per-sample sums; one
   ``all_gather_object`` over the world gives every rank the full result.
@@ -27,27 +26,22 @@ How the work is laid out:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
+from mmcap.config import IGNORE_INDEX
 from mmcap.data.collate import TokenBatch, collate_tokens
 from mmcap.data.config import BatchConfig, ImageConfig
 from mmcap.data.images import PILDecoder
 from mmcap.data.indexed import CaptionDataset
 from mmcap.data.prompts import ALL_KEYS
 from mmcap.eval.results import EvalResult, SampleLoss
-from mmcap.model.captioner import packed_rows
-from mmcap.model.decoder_base import IGNORE_INDEX
-from mmcap.parallel import cuda_factories_on_cpu
-from mmcap.train.step import MicroBatch
+from mmcap.model.stage_io import MicroBatch, run_schedule, sequence_parallel_pad_multiple
 
 
 def plan_microbatches(
@@ -77,25 +71,13 @@ def plan_microbatches(
     return batches[dp_rank::dp_size]
 
 
-def _per_sample_loss(labels: torch.Tensor, output: torch.Tensor):
-    """megatron-core loss_func: (summed loss, tokens, per-sample CE sums and token counts)."""
-    mask = labels != IGNORE_INDEX
+def per_sample_loss(mb: MicroBatch, output: torch.Tensor):
+    """Loss function of an eval micro-batch (:data:`mmcap.model.stage_io.LossFn`): (summed
+    loss, tokens, per-sample CE sums and token counts)."""
+    mask = mb.labels != IGNORE_INDEX
     ce_sum = (output.float() * mask).sum(1)  # [b]
     tokens = mask.sum(1)
     return ce_sum.sum(), tokens.sum().to(torch.int), {"ce_sum": ce_sum, "tokens": tokens}
-
-
-def _forward_step(data_iterator, model):
-    mb = next(data_iterator)
-    out = model(
-        mb.prompt_ids,
-        mb.decoder_input_ids,
-        mb.prompt_mask,
-        pixel_values=mb.pixel_values,
-        labels=mb.labels,
-        encoder_mask=mb.encoder_mask,
-    )
-    return out, partial(_per_sample_loss, mb.labels)
 
 
 class _Batcher:
@@ -190,11 +172,12 @@ def evaluate_loss(
     config = get_model_config(chunks[0])
     model_cfg = get_attr_wrapped_model(chunks[0], "model_config")
     batch_cfg = batch_cfg or BatchConfig()
-    tp = config.tensor_model_parallel_size
-    if config.sequence_parallel and batch_cfg.pad_multiple % tp:
-        batch_cfg = dataclasses.replace(
-            batch_cfg, pad_multiple=math.lcm(batch_cfg.pad_multiple, tp)
-        )
+    batch_cfg = dataclasses.replace(
+        batch_cfg,
+        pad_multiple=sequence_parallel_pad_multiple(
+            batch_cfg.pad_multiple, config.tensor_model_parallel_size, config.sequence_parallel
+        ),
+    )
     device = next(chunks[0].parameters()).device
     batcher = _Batcher(
         dataset, batch_cfg, model_cfg.vision.image_size, model_cfg.vision.num_image_tokens, device
@@ -216,24 +199,21 @@ def evaluate_loss(
     sums: dict[int, tuple[float, int]] = {}
     modes = _set_eval(chunks)
     try:
-        for (b, s_p, s, img), run in sorted(runs.items(), key=lambda kv: kv[0]):
+        for _, run in sorted(runs.items(), key=lambda kv: kv[0]):
             if len(chunks) > 1 and len(run) % pp:  # interleaved: whole micro-batch groups
                 run = run + [(run[-1][0], False)] * (pp - len(run) % pp)
-            s_enc = s_p + (model_cfg.vision.num_image_tokens if img else 0)
-            k = packed_rows(s_enc, model_cfg.encoder.hidden_size, config.hidden_size)
-            seq_length = s + k * (tp if config.sequence_parallel else 1)
             streams = [_stream(batcher, run, with_pixels) for with_pixels in has_encoder]
-            with torch.no_grad(), cuda_factories_on_cpu():
-                losses = get_forward_backward_func()(
-                    forward_step_func=_forward_step,
-                    data_iterator=streams if len(chunks) > 1 else streams[0],
-                    model=chunks if len(chunks) > 1 else chunks[0],
+            with torch.no_grad():
+                losses = run_schedule(
+                    chunks,
+                    streams,
                     num_microbatches=len(run),
-                    seq_length=seq_length,
-                    micro_batch_size=b,
+                    shape_of=batcher.microbatch(run[0][0], with_pixels=False),
+                    loss_fn=per_sample_loss,
                     forward_only=True,
+                    encoder_hidden=model_cfg.encoder.hidden_size,
                 )
-            for (r, keep), out in zip(run, losses or []):
+            for (r, keep), out in zip(run, losses):
                 if keep:
                     for row, ce, n in zip(
                         r.tolist(), out["ce_sum"].tolist(), out["tokens"].tolist()

@@ -7,11 +7,14 @@ key (the dataset's keys, ``"caption-en"``, ``"translation-zh"``, ...) and per sp
 
 - SC, seen captioning: ``caption-en`` + ``caption-de``;
 - UC, unseen captioning: ``caption-es`` + ``caption-zh``;
-- ST, seen translation: ``translation-es`` + ``translation-zh``.
+- ST, seen translation: ``translation-es`` + ``translation-zh``;
+- mean: all six held-out sets together (official ``summarize_results`` "mean": the
+  sample-weighted mean over en/de/es/zh captioning and es/zh translation).
 
 The JSON written by :func:`write_results` is
 ``{"splits": {...}, "keys": {...}, "samples": [{"id", "task", "lang", "ce", "tokens", "row"}],
-"meta": {...}}``; an aggregate over no samples, and a non-finite CE (a diverged model), is
+"meta": {...}, "compute": {...}}`` ("meta" and "compute", :mod:`mmcap.eval.compute`, when
+given); an aggregate over no samples, and a non-finite CE (a diverged model), is
 written as ``"ce": null`` (strict JSON has no NaN).
 """
 
@@ -28,6 +31,14 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "SC": ("caption-en", "caption-de"),
     "UC": ("caption-es", "caption-zh"),
     "ST": ("translation-es", "translation-zh"),
+    "mean": (
+        "caption-en",
+        "caption-de",
+        "caption-es",
+        "caption-zh",
+        "translation-es",
+        "translation-zh",
+    ),
 }
 
 
@@ -96,7 +107,7 @@ class EvalResult:
         if not self.keys and not self.splits:
             self.keys, self.splits = aggregate(self.samples)
 
-    def to_json(self, meta: dict | None = None) -> dict:
+    def to_json(self, meta: dict | None = None, compute: dict | None = None) -> dict:
         """The JSON object (see the module docstring)."""
         out = {
             "splits": {k: _finite_ce(v) for k, v in self.splits.items()},
@@ -105,6 +116,8 @@ class EvalResult:
         }
         if meta is not None:
             out["meta"] = meta
+        if compute is not None:
+            out["compute"] = compute
         return out
 
 
@@ -113,14 +126,20 @@ def _finite_ce(d: dict) -> dict:
     return {**d, "ce": ce if ce is not None and math.isfinite(ce) else None}
 
 
-def write_results(result: EvalResult, path: str | os.PathLike, meta: dict | None = None) -> Path:
+def write_results(
+    result: EvalResult,
+    path: str | os.PathLike,
+    meta: dict | None = None,
+    compute: dict | None = None,
+) -> Path:
     """Write ``result`` as JSON atomically (temp file + fsync + rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result.to_json(meta), f, indent=1, ensure_ascii=False, allow_nan=False)
+            obj = result.to_json(meta, compute)
+            json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

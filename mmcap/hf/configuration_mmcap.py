@@ -45,6 +45,10 @@ class MmcapCaptionerConfig(PretrainedConfig):
         image_token_id: placeholder id in ``input_ids`` where image features go; may lie outside
             the encoder table (Gemma sizes: 51,289 with a 51,289-row table).
         pad_token_id, eos_token_id, bos_token_id, decoder_start_token_id: decoder (Gemma) ids.
+        final_logit_softcapping: Florence family: ``cap * tanh(logits / cap)`` on the LM-head
+            logits (30 for the paper's Florence sizes: the official Florence-2 language model
+            hard-codes it); None = no cap (transformers' native Florence-2). The Gemma family
+            reads ``gemma_config.final_logit_softcapping`` instead and must leave this None.
     """
 
     model_type = "mmcap_captioner"
@@ -65,6 +69,7 @@ class MmcapCaptionerConfig(PretrainedConfig):
     eos_token_id: int | None = 1
     bos_token_id: int | None = 2
     decoder_start_token_id: int | None = 1
+    final_logit_softcapping: float | None = None
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = True
 
@@ -73,6 +78,12 @@ class MmcapCaptionerConfig(PretrainedConfig):
         if self.decoder_family not in DECODER_FAMILIES:
             raise ValueError(
                 f"decoder_family must be one of {DECODER_FAMILIES}, got {self.decoder_family!r}"
+            )
+        cap = self.final_logit_softcapping
+        if cap is not None and not (self.decoder_family == "florence" and cap > 0):
+            raise ValueError(
+                f"final_logit_softcapping={cap!r}: must be None or > 0, and only for "
+                "decoder_family='florence' (the Gemma family uses gemma_config's field)"
             )
         if self.encoder_vocab_size is None:
             self.encoder_vocab_size = self.text_config.vocab_size
@@ -116,6 +127,12 @@ class MmcapCaptionerConfig(PretrainedConfig):
         # 2 is Gemma's <bos>, so it must not be forced on the Gemma-vocabulary decoder.
         cfg.forced_eos_token_id = None
         return cfg
+
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap of the decoder family (None = none)."""
+        if self.decoder_family == "gemma2":
+            return self.gemma_config.final_logit_softcapping
+        return self.final_logit_softcapping
 
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
         """Encoder side -> ``text_config``; decoder side (and "both", which generation uses for

@@ -42,6 +42,8 @@ TOKENIZER_FILES = (
 INIT_STD = 0.02  # new rows and new cross-attention (SYSTEM.md, official prepare.py)
 EXTRA_DECODER_ROWS = 1024  # official constant: decoder table = Gemma vocab + 1,024
 OFFICIAL_DECODER_PREFIX = "language_model.model.decoder."
+# The remapped decoder speaks the Gemma vocabulary: its ids (SYSTEM.md "Token ids").
+GEMMA_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "decoder_start_token_id": 1}
 VISION_NAMESPACES = {
     "hf": ("model.vision_tower.", "model.multi_modal_projector."),
     "official": (
@@ -106,26 +108,54 @@ def _florence_arch(cfg: dict, layout: str, image_size: int) -> ModelConfig:
         from transformers import Florence2Config
 
         return model_config_from_hf(Florence2Config(**cfg), image_size=image_size)
-    vision, text, _, _ = _official_parts(cfg)
+    return official_arch(cfg, image_size)
+
+
+def official_arch(cfg: dict, image_size: int) -> ModelConfig:
+    """The BART architecture of an original remote-code config. Its text_config ids
+    (``pad_token_id`` ...) are the decoder's; the encoder's pad is ``encoder_pad_token_id``
+    (1, BART ``<pad>``; absent in Microsoft's Florence-2 configs, whose ids are BART's)."""
+    vision, text, _, raw = _official_parts(cfg)
     return model_config_from_hf(
-        SimpleNamespace(vision_config=vision, text_config=text), image_size=image_size
+        SimpleNamespace(vision_config=vision, text_config=text),
+        image_size=image_size,
+        encoder_pad_token_id=raw.get("encoder_pad_token_id"),
     )
 
 
-def _check_preset(preset: ModelConfig, arch: ModelConfig, parts=("vision", "encoder")) -> None:
+# Fields _check_preset compares (position tables included: a preset whose table has another
+# row count would otherwise pass the check and die later in a shape error).
+PRESET_FIELDS = {
+    "vision": ("embed_dim", "depths", "num_heads", "projection_dim"),
+    "encoder": (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "max_position_embeddings",
+    ),
+    "decoder": (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_kv_heads",
+        "ffn_hidden_size",
+        "head_dim",
+        "max_position_embeddings",
+    ),
+}
+# The official layout also fixes both vocabularies (no remapping on import).
+OFFICIAL_PRESET_FIELDS = {
+    "encoder": PRESET_FIELDS["encoder"] + ("padded_vocab_size",),
+    "decoder": PRESET_FIELDS["decoder"] + ("vocab_size", "final_logit_softcap"),
+}
+
+
+def _check_preset(
+    preset: ModelConfig, arch: ModelConfig, parts=("vision", "encoder"), fields=None
+) -> None:
     """Raise naming the first field where ``preset`` and the checkpoint disagree."""
-    fields = {
-        "vision": ("embed_dim", "depths", "num_heads", "projection_dim"),
-        "encoder": ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"),
-        "decoder": (
-            "num_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "num_kv_heads",
-            "ffn_hidden_size",
-            "head_dim",
-        ),
-    }
+    fields = {**PRESET_FIELDS, **(fields or {})}
 
     def norm(x):
         return tuple(x) if isinstance(x, (list, tuple)) else x
@@ -197,7 +227,7 @@ def convert_florence_size(
             arch,
             name="custom-florence",
             decoder=dataclasses.replace(
-                arch.decoder, vocab_size=rows, make_vocab_size_divisible_by=128
+                arch.decoder, vocab_size=rows, make_vocab_size_divisible_by=128, **GEMMA_IDS
             ),
         )
     out = _vision_and_encoder(sd, layout, model, seed)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from types import SimpleNamespace
 
 import torch
 
 from mmcap.config import ModelConfig, get_preset
 from mmcap.hf.convert_in import (
     OFFICIAL_DECODER_PREFIX,
+    OFFICIAL_PRESET_FIELDS,
     VISION_NAMESPACES,
     Converted,
     _check_preset,
     _official_parts,
     florence_layout,
+    official_arch,
 )
-from mmcap.hf.florence2_keys import bart_from_hf, model_config_from_hf
+from mmcap.hf.florence2_keys import bart_from_hf
 from mmcap.hf.gemma2_keys import decoder_config_from_hf, gemma2_from_hf
 from mmcap.hf.io import CheckpointError, read_config, read_state_dict
 from mmcap.model.vision import vision_from_hf
@@ -43,7 +44,6 @@ class _Tracked(dict):
         return super().__getitem__(key)
 
 
-
 def import_official(
     official_dir: str | os.PathLike, preset: str | None = None, image_size: int = 768
 ) -> Converted:
@@ -54,10 +54,10 @@ def import_official(
     sd = _Tracked(read_state_dict(official_dir))
     if florence_layout(sd) != "official":
         raise CheckpointError(f"{official_dir}: not in the official (remote-code) layout")
-    vision, text, gemma_cfg, raw_text = _official_parts(cfg)
-    arch = model_config_from_hf(
-        SimpleNamespace(vision_config=vision, text_config=text), image_size=image_size
-    )
+    _, _, gemma_cfg, raw_text = _official_parts(cfg)
+    # Florence sizes: logit soft-cap 30 (hard-coded in the official language model);
+    # encoder pad = encoder_pad_token_id (BART <pad> 1), not the Gemma pad_token_id 0.
+    arch = official_arch(cfg, image_size)
     enc_rows = sd["language_model.model.encoder.embed_tokens.weight"].shape[0]
     encoder = dataclasses.replace(arch.encoder, padded_vocab_size=enc_rows)
     if gemma_cfg:
@@ -78,7 +78,7 @@ def import_official(
     model = ModelConfig("official", arch.vision, encoder, decoder)
     if preset:
         pre = get_preset(preset)
-        _check_preset(pre, model, ("vision", "encoder", "decoder"))
+        _check_preset(pre, model, ("vision", "encoder", "decoder"), OFFICIAL_PRESET_FIELDS)
         model = dataclasses.replace(
             pre, vision=dataclasses.replace(pre.vision, image_size=image_size)
         )

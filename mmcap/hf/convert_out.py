@@ -112,6 +112,7 @@ def hf_config(model: ModelConfig):
         eos_token_id=d.eos_token_id,
         bos_token_id=d.bos_token_id,
         decoder_start_token_id=d.decoder_start_token_id,
+        final_logit_softcapping=d.final_logit_softcap if florence else None,
     )
 
 
@@ -139,12 +140,13 @@ def hf_state_dict(model: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str
 
 def load_full_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
     """(ModelConfig, metadata, full tensors) of a checkpoint of any TP/PP layout."""
-    from mmcap.checkpoint import load_model_checkpoint, read_checkpoint_info
+    from mmcap.checkpoint import load_model_checkpoint, read_checkpoint_info, resolve_checkpoint_dir
     from mmcap.config import ParallelConfig, PrecisionConfig
     from mmcap.model.captioner import CaptioningModel
     from mmcap.parallel import initialize_model_parallel
     from mmcap.parallel.tp import full_state_dict
 
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # a run directory: its newest checkpoint
     model_cfg, meta = read_checkpoint_info(ckpt_dir)
     initialize_model_parallel(ParallelConfig(), seed=0)
     model = CaptioningModel(model_cfg, precision=PrecisionConfig("fp32"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mmcap.config import ModelConfig
+from mmcap.config.presets import FLORENCE_FINAL_LOGIT_SOFTCAP
 from mmcap.hf.fused import fuse_kv, fuse_qkv, split_kv, split_qkv
 
 LM_PREFIX = {"hf": "model.language_model.", "official": "language_model.model."}
@@ -154,12 +155,25 @@ def _first(sd: dict[str, torch.Tensor], *names: str) -> torch.Tensor:
     raise KeyError(f"Florence-2 checkpoint has none of {list(names)}")
 
 
-def model_config_from_hf(hf_config, image_size: int = 768, name: str = "from-hf") -> ModelConfig:
+def model_config_from_hf(
+    hf_config,
+    image_size: int = 768,
+    name: str = "from-hf",
+    final_logit_softcap: float | None = FLORENCE_FINAL_LOGIT_SOFTCAP,
+    encoder_pad_token_id: int | None = None,
+) -> ModelConfig:
     """mmcap ModelConfig (Florence sizes: BART decoder) from a transformers ``Florence2Config``.
 
     The native HF class shares one vocabulary between encoder and decoder, so both get the
     text config's ``vocab_size`` here (mmcap keeps two tables; conversion copies ``shared``
     into both).
+
+    Args:
+        final_logit_softcap: the decoder's final logit soft-cap; default 30, the paper's Florence
+            sizes (official models/florence2.py). None reproduces transformers' native class.
+        encoder_pad_token_id: the BART encoder's pad id when the text config's ``pad_token_id``
+            is the decoder's (official layout: ``encoder_pad_token_id`` 1 vs Gemma pad 0);
+            None = ``text_config.pad_token_id`` (one shared BART vocabulary).
     """
     from mmcap.config import DecoderConfig, EncoderConfig, VisionConfig
 
@@ -196,7 +210,7 @@ def model_config_from_hf(hf_config, image_size: int = 768, name: str = "from-hf"
         activation_dropout=t.activation_dropout,
         scale_embedding=t.scale_embedding,
         init_std=t.init_std,
-        pad_token_id=t.pad_token_id,
+        pad_token_id=t.pad_token_id if encoder_pad_token_id is None else encoder_pad_token_id,
     )
     heads = t.decoder_attention_heads
     decoder = DecoderConfig(
@@ -213,7 +227,7 @@ def model_config_from_hf(hf_config, image_size: int = 768, name: str = "from-hf"
         activation=t.activation_function,
         norm_eps=1e-5,
         attn_logit_softcap=None,
-        final_logit_softcap=None,
+        final_logit_softcap=final_logit_softcap,
         sliding_window=None,
         gated_cross_attention=False,
         encoder_hidden_size=t.d_model,

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not fit; the message names file and tensor."""
+# The one checkpoint error type of mmcap (mmcap checkpoints and Hugging Face directories).
+from mmcap.config.errors import CheckpointError
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:

@@ -71,6 +71,7 @@ from transformers.models.florence2.modeling_florence2 import (
     shift_tokens_right,
 )
 
+from mmcap.config import IGNORE_INDEX
 from mmcap.hf.configuration_mmcap import MmcapCaptionerConfig
 from mmcap.hf.modeling_gemma_xattn import MmcapGemma2XAttnDecoder
 
@@ -330,14 +331,15 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
             use_cache=use_cache,
         )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
-        if self.config.decoder_family == "gemma2":
-            cap = self.config.gemma_config.final_logit_softcapping
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+        cap = self.config.logit_softcap()  # Gemma-2's 30; Florence sizes: official 30
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100
+                logits.float().flatten(0, 1),
+                labels.to(logits.device).flatten(),
+                ignore_index=IGNORE_INDEX,
             )
         return Florence2Seq2SeqLMOutput(
             loss=loss,
@@ -361,6 +363,12 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
         if model_kwargs.get("encoder_outputs") is not None:
             return model_kwargs
         inputs_embeds = model_kwargs.pop("inputs_embeds", None)
+        if model_kwargs.get("attention_mask") is None and inputs_embeds is None:
+            # transformers builds no mask for encoder-decoder models: mask BART <pad> here, for
+            # the encoder and (kept in model_kwargs) the decoder's cross-attention.
+            model_kwargs["attention_mask"] = self._prepare_attention_mask_for_generation(
+                inputs_tensor, generation_config, model_kwargs
+            )
         model_kwargs["encoder_outputs"] = self.model.encode(
             input_ids=None if inputs_embeds is not None else inputs_tensor,
             pixel_values=model_kwargs.pop("pixel_values", None),
@@ -373,7 +381,7 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
         self, inputs_tensor: torch.Tensor, generation_config, model_kwargs: dict[str, Any]
     ) -> torch.LongTensor:
         """Encoder mask from the BART pad id (the generation config's pad id is Gemma's 0, which
-        is BART's ``<s>``)."""
+        is BART's ``<s>``); used when ``generate`` gets no attention_mask."""
         if inputs_tensor.ndim == 2 and not inputs_tensor.is_floating_point():
             return inputs_tensor.ne(self.config.text_config.pad_token_id).long()
         return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)

@@ -27,6 +27,8 @@ from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from mmcap.config import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_STRIDE = 32  # DaViT's total stride: an S-px image gives (S / 32)^2 grid tokens + 1 pooled
@@ -144,7 +146,7 @@ class MmcapCaptionerProcessor(ProcessorMixin):
             tids = self.target_ids([targets] if isinstance(targets, str) else targets)
             if len(tids) != len(tasks):
                 raise ValueError(f"{len(tids)} targets for {len(tasks)} task strings")
-            labels = torch.full((len(tids), max(len(t) for t in tids)), -100, dtype=torch.long)
+            labels = torch.full((len(tids), max(len(t) for t in tids)), IGNORE_INDEX, dtype=torch.long)
             for i, t in enumerate(tids):
                 labels[i, : len(t)] = torch.tensor(t)
             data["labels"] = labels

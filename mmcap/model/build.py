@@ -89,6 +89,26 @@ def build_model(
         )
 
 
+def build_model_chunks(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig | None = None,
+    *,
+    recompute: str | None = None,
+) -> list[CaptioningModel]:
+    """This rank's model chunk(s): one per virtual pipeline stage (interleaved schedule), else
+    one; on the current CUDA device when there is one. Training and evaluation both build
+    their models here."""
+    vpp = parallel.virtual_pipeline_parallel
+    stages = list(range(vpp)) if vpp and vpp > 1 else [None]
+    chunks = [
+        build_model(model, parallel, precision, vp_stage=v, recompute=recompute) for v in stages
+    ]
+    if torch.cuda.is_available():
+        chunks = [c.cuda() for c in chunks]
+    return chunks
+
+
 def _stage_flags(parallel: ParallelConfig, vp_stage: int | None) -> tuple[bool, bool]:
     vpp = parallel.virtual_pipeline_parallel
     if vpp and vpp > 1:

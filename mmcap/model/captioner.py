@@ -3,16 +3,13 @@
 Megatron-core style stage flags (as its T5 / LLaVA models): ``add_encoder`` builds the frozen
 vision tower and the BART encoder (the first pipeline stage), ``pre_process`` /
 ``post_process`` the decoder's embedding / head. The encoder output travels with the decoder
-activations to every later stage, PACKED into the one tensor megatron-core's schedules send
-between stages (:func:`pack_stage_output`): ``[s_dec(/tp) + k, b, h_dec]``, the last ``k`` rows
-holding the encoder output [s_enc, b, h_enc] reshaped to the decoder width. One tensor means
-megatron-core's backward (which only back-propagates a stage's FIRST output) carries the
-encoder-output gradient of every later stage back to the encoder, and the interleaved schedule
-(which sends exactly one tensor) works unchanged.
+activations to every later stage, packed into the one stage tensor
+(:mod:`mmcap.model.stage_io`, which also defines the micro-batch every stage consumes).
 
 Freezing (SYSTEM.md "What trains", :class:`mmcap.config.TrainableConfig`): frozen parameters
 have ``requires_grad=False`` (so optimizers skip them); the vision tower also stays in eval
-mode and runs under no_grad; a frozen Gemma decoder still back-propagates to the trainable
+mode (unless ``ModelConfig.vision_train_mode``: then it follows the model's mode, drop-path on)
+and runs under no_grad; a frozen Gemma decoder still back-propagates to the trainable
 cross-attention and embeddings that feed it.
 """
 
@@ -26,6 +23,7 @@ from mmcap.config import ModelConfig, ParallelConfig, PrecisionConfig
 from mmcap.model.bart.decoder import FlorenceDecoder
 from mmcap.model.bart.encoder import BartEncoder
 from mmcap.model.gemma2.decoder import Gemma2Decoder
+from mmcap.model.stage_io import build_encoder_mask, pack_stage_output, unpack_stage_input
 from mmcap.model.transformer_config import (
     build_decoder_transformer_config,
     build_encoder_transformer_config,
@@ -35,32 +33,6 @@ from mmcap.model.vision import VisionTower
 # Decoder parameters that train under the "cross_attention" policy (Gemma sizes): the gated
 # cross-attention blocks (projections, gate, post-norm) and the tied embedding / LM head.
 _XATTN_TRAINABLE = (".cross_attention.", "embedding.word_embeddings.", "output_layer.")
-
-
-def packed_rows(s_enc: int, encoder_hidden: int, decoder_hidden: int) -> int:
-    """Rows of decoder width that hold an [s_enc, b, encoder_hidden] encoder output."""
-    return -(-s_enc * encoder_hidden // decoder_hidden)
-
-
-def pack_stage_output(hidden: torch.Tensor, encoder_out: torch.Tensor) -> torch.Tensor:
-    """[s, b, h] + [s_enc, b, w] -> [s + k, b, h] (differentiable; zero padding at the end)."""
-    s_enc, b, w = encoder_out.shape
-    h = hidden.shape[-1]
-    k = packed_rows(s_enc, w, h)
-    flat = encoder_out.transpose(0, 1).reshape(b, s_enc * w).to(hidden.dtype)
-    flat = torch.nn.functional.pad(flat, (0, k * h - s_enc * w))
-    return torch.cat([hidden, flat.view(b, k, h).transpose(0, 1)], dim=0)
-
-
-def unpack_stage_input(
-    packed: torch.Tensor, s_enc: int, encoder_hidden: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_stage_output`: (hidden [s, b, h], encoder_out [s_enc, b, w])."""
-    k = packed_rows(s_enc, encoder_hidden, packed.shape[-1])
-    hidden, rows = packed[:-k], packed[-k:]
-    b = packed.shape[1]
-    flat = rows.transpose(0, 1).reshape(b, -1)[:, : s_enc * encoder_hidden]
-    return hidden, flat.view(b, s_enc, encoder_hidden).transpose(0, 1)
 
 
 class CaptioningModel(MegatronModule):
@@ -127,7 +99,7 @@ class CaptioningModel(MegatronModule):
             if policy.vision:
                 self.vision.requires_grad_(True)
             else:
-                self.vision.freeze()
+                self.vision.freeze(train_mode=self.model_config.vision_train_mode)
             self.encoder.requires_grad_(policy.encoder)
         if policy.decoder_policy(self.model_config.decoder.arch) == "cross_attention":
             for name, p in self.decoder.named_parameters():
@@ -190,22 +162,20 @@ class CaptioningModel(MegatronModule):
         img = torch.nonzero(has_image.to(prompt_ids.device)).flatten()
         txt = torch.nonzero(~has_image.to(prompt_ids.device)).flatten()
         d = self.model_config.encoder.hidden_size
-        parts, mask = [], torch.zeros(b, n + s_p, dtype=torch.bool, device=prompt_ids.device)
+        parts = []
         if img.numel():
             tokens = image_tokens[img] if image_tokens is not None else None
             if tokens is None:
                 tokens = self.vision(pixel_values[img].to(self.config.params_dtype))
-            out_i, mask_i = self.encoder(prompt_ids[img], prompt_mask[img], tokens)
+            out_i, _ = self.encoder(prompt_ids[img], prompt_mask[img], tokens)
             parts.append((img, out_i))
-            mask[img] = mask_i
-        out_t, mask_t = self.encoder(prompt_ids[txt], prompt_mask[txt], None)
+        out_t, _ = self.encoder(prompt_ids[txt], prompt_mask[txt], None)
         out_t = torch.nn.functional.pad(out_t, (0, 0, 0, 0, n, 0))  # n masked rows in front
         parts.append((txt, out_t))
-        mask[txt, n:] = mask_t
         out = out_t.new_zeros(n + s_p, b, d)
         for idx, part in parts:
             out = out.index_copy(1, idx, part)
-        return out, mask
+        return out, build_encoder_mask(prompt_mask, n, has_image)
 
     def forward(
         self,

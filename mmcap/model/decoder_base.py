@@ -23,10 +23,10 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from mmcap.config import DecoderConfig
+from mmcap.config import IGNORE_INDEX, DecoderConfig
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.sharded import stack_sharded_state_dict
-from mmcap.ops.softcap_ce import IGNORE_INDEX, softcap_ce  # label value without loss
+from mmcap.ops.softcap_ce import softcap_ce
 
 __all__ = ["IGNORE_INDEX", "DecoderLanguageModel"]
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mmcap.config.constants import IGNORE_INDEX
 from mmcap.ops.kernels import load_extension, use_kernel
 
 __all__ = ["IGNORE_INDEX", "softcap_ce", "softcap_ce_fused", "softcap_ce_ref"]
 
 _OP = "softcap_ce"
-IGNORE_INDEX = -100
 # Tiles: 1,024 tokens x 32,768 rows = 128 MiB of float32 logits (the Gemma vocabulary at TP=1
 # is 8 vocab tiles); dW accumulates per vocab tile in float32 (32,768 x d).
 TOKEN_CHUNK = 1024

@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from mmcap.config.constants import DEFAULT_SEED
 from mmcap.config.parallel import ParallelConfig
 from mmcap.parallel.cpu_shim import apply_cpu_shim
 
@@ -50,7 +51,7 @@ def init_process_group(backend: str | None = None, timeout_minutes: int = 30) ->
 
 
 def initialize_model_parallel(
-    parallel: ParallelConfig, seed: int | None = 1234, timeout_minutes: int = 30
+    parallel: ParallelConfig, seed: int | None = DEFAULT_SEED, timeout_minutes: int = 30
 ) -> None:
     """Create megatron-core's TP/PP/DP groups for ``parallel`` and seed the RNG tracker.
 

@@ -12,8 +12,10 @@ Model and optimizer state reshard to any TP/PP/DP layout (optimizer: megatron-co
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,12 +25,19 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mmcap.checkpoint.dist import CONFIG_FILE
+from mmcap.checkpoint.integrity import CheckpointError, write_checksums
+from mmcap.checkpoint.run_dir import (  # noqa: F401 - the resume finder, re-exported
+    LATEST,
+    STATE_FILE,
+    latest_checkpoint,
+    validate_checkpoint,
+)
 from mmcap.config import ModelConfig
 from mmcap.config.serialize import model_config_to_dict
 from mmcap.parallel import cuda_factories_on_cpu
 
-LATEST = "latest"
-STATE_FILE = "train_state.json"
+log = logging.getLogger("mmcap.train")
+
 OPTIM_SHARDING = "fully_reshardable"
 
 
@@ -131,6 +140,75 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
     return {**model_sd, "optimizer": opt_sd, "rng_state": _rng_object()}
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; nothing was left behind (the previous ``latest`` stands)."""
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def _agree(failed: bool) -> bool:
+    """True on every rank if any rank failed (one all-reduce)."""
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([float(failed)], device=_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException | None, root: Path) -> str | None:
+    """Why the save probably failed for lack of room, or None. megatron-core's writer
+    processes lose the errno (the failure comes back as a text), so this also looks at the
+    text, the file-size limit and the free space."""
+    e = err
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.strerror
+        if any(t in str(e) for t in _DISK_FULL_TEXT):
+            return next(t for t in _DISK_FULL_TEXT if t in str(e))
+        e = e.__cause__ or e.__context__
+    if err is None:
+        return None
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"a file-size limit (ulimit -f) of {soft} bytes is set"
+    free = shutil.disk_usage(root).free
+    if free < 1 << 30:
+        return f"{free >> 20} MiB free on the disk of {root}"
+    return None
+
+
+def _save_error(final: Path, err: BaseException | None) -> CheckpointSaveError:
+    full = _disk_full(err, final.parent)
+    if full is not None:
+        return CheckpointSaveError(
+            f"saving {final} failed: the disk, the quota or the file-size limit is full "
+            f"({full}). Free space (or raise the limit) and resume from the previous "
+            "checkpoint (--resume auto); nothing of this save was kept."
+        )
+    text = f"{type(err).__name__}: {err}"[:2000] if err is not None else ""
+    where = f" on this rank: {text}" if err is not None else " on another rank"
+    return CheckpointSaveError(
+        f"saving {final} failed{where}. The previous checkpoint stays 'latest'; nothing of this "
+        "save was kept."
+    )
+
+
+def weights_are_finite(chunks) -> bool:
+    """Every model parameter finite on every rank (collective)."""
+    ok = all(bool(torch.isfinite(p).all()) for c in chunks for p in _unwrap(c).parameters())
+    return not _agree(not ok)
+
+
 def save_train_state(
     save_dir: str | os.PathLike,
     step: int,
@@ -142,6 +220,12 @@ def save_train_state(
 ) -> Path:
     """Collective save of step ``step``; returns the checkpoint directory.
 
+    Everything goes to ``step_N.partial``: the shards (every rank), then (rank 0)
+    ``mmcap_model.json``, ``train_state.json`` and, last, the checksums of every file; only
+    then is it renamed to ``step_N`` and ``latest`` replaced. A failure on ANY rank (disk full,
+    file-size limit, I/O error) is seen by every rank: the partial directory is removed and
+    every rank raises :class:`CheckpointSaveError`.
+
     Args:
         chunks: the (DDP-wrapped) model chunks of this rank.
         optimizer / scheduler: megatron-core optimizer and OptimizerParamScheduler.
@@ -152,42 +236,52 @@ def save_train_state(
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    with cuda_factories_on_cpu():
-        dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(partial))
-    dist.barrier()
-    if rank0:
-        info = {"model": model_config_to_dict(model_config), "metadata": {"step": step}}
-        (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        state = {
-            "step": step,
-            "layout": list(_layout()),
-            "scheduler": scheduler.state_dict(),
-            **(extra or {}),
-        }
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)
-    dist.barrier()
+    err: BaseException | None = None
+    try:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+    except OSError as e:
+        err = e
+    if not _agree(err is not None):
+        try:
+            with cuda_factories_on_cpu():
+                dist_checkpointing.save(
+                    _sharded_state(chunks, optimizer, is_loading=False), str(partial)
+                )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - torch DCP's CheckpointException is one
+            err = e
+    if not _agree(err is not None) and rank0:
+        try:
+            info = {"model": model_config_to_dict(model_config), "metadata": {"step": step}}
+            (partial / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+            state = {
+                "step": step,
+                "layout": list(_layout()),
+                "scheduler": scheduler.state_dict(),
+                **(extra or {}),
+            }
+            (partial / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            write_checksums(partial)  # last: a checkpoint with checksums is complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = root / f".{LATEST}.tmp"
+            tmp.write_text(final.name)
+            if (root / LATEST).is_dir() and not (root / LATEST).is_symlink():
+                log.warning("%s is a directory, not the pointer file: replacing it", root / LATEST)
+                shutil.rmtree(root / LATEST)
+            os.replace(tmp, root / LATEST)
+        except OSError as e:
+            err = e
+    if _agree(err is not None):
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+            (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise _save_error(final, err)
     return final
-
-
-def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
-    """The newest COMPLETE checkpoint under ``save_dir`` (``--resume auto``), or None."""
-    marker = Path(save_dir) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(save_dir) / marker.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{marker} names {path}, which is not a complete checkpoint")
-    return path
 
 
 def load_train_state(ckpt: str | os.PathLike, chunks, optimizer, scheduler) -> dict:
@@ -196,14 +290,23 @@ def load_train_state(ckpt: str | os.PathLike, chunks, optimizer, scheduler) -> d
     Returns the ``train_state.json`` dict (step, sampler state, ...). RNG states are restored
     when the checkpoint was saved with the same TP/PP/DP layout, else left as seeded.
     """
+    from mmcap.checkpoint.integrity import check_fits
+
     ckpt = Path(ckpt)
     state = json.loads((ckpt / STATE_FILE).read_text())
     same_layout = tuple(state["layout"]) == _layout()
+    model_sd = {f"m{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    check_fits(model_sd, ckpt, getattr(_unwrap(chunks[0]), "model_config", None))
     sharded = _sharded_state(chunks, optimizer, is_loading=True)
     if not same_layout:
         sharded.pop("rng_state")
-    with cuda_factories_on_cpu():
-        loaded = dist_checkpointing.load(sharded, str(ckpt))
+    try:
+        with cuda_factories_on_cpu():
+            loaded = dist_checkpointing.load(sharded, str(ckpt))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as any reader error
+        raise CheckpointError(f"{ckpt}: could not be read ({type(e).__name__}: {e})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
     with cuda_factories_on_cpu(), _torch_adam_step_fix(optimizer):

@@ -14,18 +14,20 @@ preset's :class:`mmcap.config.ModelConfig` (``model.vision.image_size=768``).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmcap.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from mmcap.config import (
+    DEFAULT_SEED,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    require,
+)
 from mmcap.config.presets import get_preset
-from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
-
-
-def _require(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
+from mmcap.config.serialize import from_dict, model_config_from_dict, model_config_to_dict
+from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
 
 
 @dataclass
@@ -40,6 +42,10 @@ class OptimConfig:
         clip_grad: global gradient-norm clip (0 = off).
         loss_scale: fp16 only: None = dynamic loss scaling (megatron-core DynamicGradScaler,
             starting at ``initial_loss_scale``), a number = constant scale.
+        override_scheduler: when resuming with a schedule (lr, min_lr, warmup_steps,
+            decay_style, weight_decay, train_steps) that differs from the checkpoint's, apply
+            the new one from the resumed step on (Megatron-LM
+            ``--override-opt_param-scheduler``); false = refuse to resume, naming the keys.
     """
 
     lr: float = 1e-4
@@ -53,60 +59,101 @@ class OptimConfig:
     decay_style: str = "cosine"
     loss_scale: float | None = None
     initial_loss_scale: float = 2.0**16
+    override_scheduler: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, lr]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _require(
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, lr]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(
             self.decay_style in ("cosine", "linear", "constant"),
             "optim.decay_style",
             f"must be cosine, linear or constant, got {self.decay_style!r}",
         )
 
 
+# Fields of the data package's configs that the run sets (global batch, layout, seed, model
+# image size, device): a user value would be silently replaced, so it is an error instead.
+_RUN_FIELDS = {
+    "sampler": {
+        "global_batch_size": "global_batch_size",
+        "data_parallel_size": "the launch (world size / (TP x PP))",
+        "data_parallel_rank": "the launch",
+        "seed": "seed",
+    },
+    "image": {"size": "model.vision.image_size", "device": "the launch (current device)"},
+}
+# Keys of earlier releases (flat data section) -> where they live now.
+_MOVED = {
+    "balancing": "sampler.balancing",
+    "target": "sampler.target",
+    "weights": "sampler.dataset_weights",
+    "max_prompt_tokens": "batch.max_prompt_tokens",
+    "max_target_tokens": "batch.max_target_tokens",
+    "pad_multiple": "batch.pad_multiple",
+    "image_backend": "image.backend",
+}
+
+
 @dataclass
 class DataConfig:
     """Training / validation data (indexed datasets made by ``tools/preprocess_data.py``).
 
+    The sections are the data package's own dataclasses (one source of defaults and
+    validation): ``data.sampler`` (:class:`mmcap.data.config.SamplerConfig`: ``balancing``,
+    ``target``, ``dataset_weights``), ``data.batch`` (:class:`mmcap.data.config.BatchConfig`:
+    ``max_prompt_tokens`` / ``max_target_tokens`` crop lengths, paper 128 / 128, padding) and
+    ``data.image`` (:class:`mmcap.data.config.ImageConfig`: ``backend``, normalisation). The
+    run fills in the sampler's batch size, layout and seed and the image size.
+
     Args:
-        train: dataset directories, blended by ``weights`` (None = equal).
+        train: dataset directories, blended by ``sampler.dataset_weights`` (None = equal).
         valid: a held-out dataset for periodic CE validation (``EvalConfig``), or None.
-        balancing / target: task-language sampling (``task-lang-balancing`` pretraining,
-            ``generalist-finetune`` fine-tuning, or ``custom`` with ``target``).
-        image_backend: "pil" (DataLoader workers), "torchvision" / "dali" (GPU), or "auto".
         num_workers: PIL decoding processes per rank.
-        max_prompt_tokens / max_target_tokens: crop lengths (paper: 128 / 128).
         features: per train dataset, a frozen-vision feature cache directory
             (``tools/cache_vision_features.py``) used instead of decoding images.
     """
 
     train: list[str] = field(default_factory=list)
-    weights: list[float] | None = None
     valid: str | None = None
-    balancing: str = "task-lang-balancing"
-    target: dict[str, float] | None = None
-    image_backend: str = "pil"
-    num_workers: int = 2
-    max_prompt_tokens: int = 128
-    max_target_tokens: int = 128
-    pad_multiple: int = 8
     features: list[str] | None = None
+    num_workers: int = 2
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
-        if self.weights is not None:
-            _require(
-                len(self.weights) == len(self.train),
-                "data.weights",
-                f"{len(self.weights)} weights for {len(self.train)} train datasets",
+        weights = self.sampler.dataset_weights
+        if weights is not None:
+            require(
+                len(weights) == len(self.train),
+                "data.sampler.dataset_weights",
+                f"{len(weights)} weights for {len(self.train)} train datasets",
             )
         if self.features is not None:
-            _require(
+            require(
                 len(self.features) == len(self.train),
                 "data.features",
                 f"{len(self.features)} feature caches for {len(self.train)} train datasets",
             )
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    @staticmethod
+    def check_keys(tree: dict) -> None:
+        """Errors for keys the run sets itself and for keys that moved (raw ``data`` dict)."""
+        for key in tree:
+            if key in _MOVED:
+                raise ConfigError(
+                    f"data.{key}: unknown key; it is data.{_MOVED[key]} (e.g. "
+                    f"data.{_MOVED[key]}=...)"
+                )
+        for section, fields in _RUN_FIELDS.items():
+            given = tree.get(section)
+            for name in given if isinstance(given, dict) else ():
+                if name in fields:
+                    raise ConfigError(
+                        f"data.{section}.{name}: set by the run from {fields[name]}; remove it"
+                    )
 
 
 @dataclass
@@ -120,6 +167,10 @@ class CheckpointConfig:
         pretraining checkpoint for fine-tuning); optimizer and step start fresh. Ignored when
         resuming.
     keep_last: delete older ``step_<N>`` directories beyond this many (None = keep all).
+    verify: verify the checksums of every file of the checkpoint a run resumes from (a
+        damaged newest checkpoint falls back to the previous one); false = sizes only.
+    overwrite: with ``resume: none``, clear an existing run in ``save`` (its checkpoints,
+        metrics and TensorBoard logs) instead of refusing to start over it.
     """
 
     save: str | None = None
@@ -127,10 +178,12 @@ class CheckpointConfig:
     resume: str = "auto"
     load: str | None = None
     keep_last: int | None = None
+    verify: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
-        _require(
+        require(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        require(
             self.keep_last is None or self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"
         )
 
@@ -152,6 +205,14 @@ class LoggingConfig:
     metrics_file: str | None = None
     peak_tflops: float | None = None
 
+    def __post_init__(self) -> None:
+        require(self.log_interval >= 1, "logging.log_interval", "must be >= 1")
+        require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "logging.peak_tflops",
+            "must be > 0 (or null: from the device name)",
+        )
+
 
 @dataclass
 class EvalConfig:
@@ -167,6 +228,13 @@ class EvalConfig:
     interval: int = 0
     max_samples: int | None = None
     micro_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        require(self.interval >= 0, "eval.interval", "must be >= 0 (0 = off)")
+        require(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
+        require(
+            self.max_samples is None or self.max_samples >= 1, "eval.max_samples", "must be >= 1"
+        )
 
 
 @dataclass
@@ -204,28 +272,49 @@ class TrainConfig:
     max_bad_steps: int = 5
     exit_interval: int | None = None
     exit_duration_minutes: float | None = None
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
-        _require(self.train_steps >= 1, "train_steps", "must be >= 1")
-        _require(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
-        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        _require(
+        require(self.train_steps >= 1, "train_steps", "must be >= 1")
+        require(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        require(
             self.recompute in (None, "selective", "full"),
             "recompute",
             f"must be null, selective or full, got {self.recompute!r}",
         )
-        _require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        require(
+            self.exit_interval is None or self.exit_interval >= 1,
+            "exit_interval",
+            "must be >= 1 (or null: off)",
+        )
+        require(
+            self.exit_duration_minutes is None or self.exit_duration_minutes > 0,
+            "exit_duration_minutes",
+            "must be > 0 (or null: off)",
+        )
+        # Validated but not wired into the trainer yet: accepting it would be a silent no-op.
+        require(
+            self.precision.fp8 is None,
+            "precision.fp8",
+            "FP8 training is not implemented in the trainer yet (it needs Transformer Engine "
+            "linears); remove it to train in bf16",
+        )
+        # The sampler's run fields come from the run (DataConfig.check_keys rejects user values).
+        self.data.sampler = dataclasses.replace(
+            self.data.sampler, global_batch_size=self.global_batch_size, seed=self.seed
+        )
 
     def model_config(self) -> ModelConfig:
         """The preset with ``model`` overrides applied (validated)."""
         base = model_config_to_dict(get_preset(self.preset))
         merged = _merge(base, self.model, "model")
-        return model_config_from_dict(merged, where=f"model (preset {self.preset})")
+        return model_config_from_dict(merged, where="model")
 
     def num_microbatches(self, dp: int) -> int:
         per_rank, rest = divmod(self.global_batch_size, dp * self.micro_batch_size)
-        _require(
+        require(
             rest == 0 and per_rank >= 1,
             "global_batch_size",
             f"{self.global_batch_size} is not a multiple of micro_batch_size "
@@ -242,29 +331,10 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     for k, v in over.items():
         if k not in base:
             raise ConfigError(f"{where}.{k}: unknown key; known: {sorted(base)}")
+        if isinstance(base[k], dict) and not isinstance(v, dict):
+            raise ConfigError(f"{where}.{k}: is a section; set its keys ({where}.{k}.KEY=...)")
         out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) else v
     return out
-
-
-def _build(cls, data: dict, where: str):
-    """Nested dict -> dataclass ``cls``; unknown keys are errors naming the key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = _build(hint, value, f"{where}.{name}" if where else name)
-        elif isinstance(value, list) and "tuple" in str(hint):
-            value = tuple(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -274,7 +344,8 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    # "key=" is the empty string (e.g. ``logging.tensorboard_dir=`` = off); ``key=null`` is None.
+    value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
     return key.strip().split("."), value
@@ -332,6 +403,8 @@ def load_train_config(
     for item in overrides:
         path_, value = parse_override(item)
         _set(tree, path_, value)
-    cfg = _build(TrainConfig, tree, "")
+    if isinstance(tree.get("data"), dict):
+        DataConfig.check_keys(tree["data"])
+    cfg = from_dict(TrainConfig, tree)
     cfg.model_config()  # validate model overrides now
     return cfg

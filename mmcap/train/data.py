@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 
 import numpy as np
 import torch
 
 from mmcap.config import ConfigError
+from mmcap.data.compat import check_datasets_fit_model
+from mmcap.model.stage_io import sequence_parallel_pad_multiple, split_microbatches
 from mmcap.train.config import TrainConfig
 
 
@@ -17,6 +19,16 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _open(path: str, key: str):
+    """A CaptionDataset, or a ConfigError naming the key (missing, not preprocessed, damaged)."""
+    from mmcap.data.indexed import CaptionDataset
+
+    try:
+        return CaptionDataset(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class BatchSource:
@@ -29,37 +41,27 @@ class BatchSource:
     def __init__(
         self, cfg: TrainConfig, model_cfg, *, needs_pixels: bool, dp_rank: int, dp_size: int
     ):
-        from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
         from mmcap.data.features import FeatureStore
-        from mmcap.data.indexed import CaptionDataset
         from mmcap.data.sampler import GroupIndex, TaskLangSampler
 
         d = cfg.data
         if not d.train:
             raise ConfigError("data.train: no training dataset given (data.train=[DIR, ...])")
-        self.datasets = [CaptionDataset(p) for p in d.train]
+        self.datasets = [_open(p, "data.train") for p in d.train]
+        check_datasets_fit_model(self.datasets, model_cfg, "data.train")
         self.num_microbatches = cfg.num_microbatches(dp_size)
         self.micro_batch_size = cfg.micro_batch_size
         self.num_image_tokens = model_cfg.vision.num_image_tokens
-        tp = cfg.parallel.tensor_parallel
-        pad_multiple = (
-            math.lcm(d.pad_multiple, tp) if cfg.parallel.sequence_parallel else (d.pad_multiple)
-        )
-        self.batch_cfg = BatchConfig(
-            max_prompt_tokens=d.max_prompt_tokens,
-            max_target_tokens=d.max_target_tokens,
-            pad_multiple=pad_multiple,
+        self.batch_cfg = dataclasses.replace(
+            d.batch,
+            pad_multiple=sequence_parallel_pad_multiple(
+                d.batch.pad_multiple, cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel
+            ),
         )
         self.sampler = TaskLangSampler(
             [GroupIndex.from_dataset(ds) for ds in self.datasets],
-            SamplerConfig(
-                balancing=d.balancing,
-                target=d.target,
-                dataset_weights=tuple(d.weights) if d.weights else None,
-                global_batch_size=cfg.global_batch_size,
-                data_parallel_size=dp_size,
-                data_parallel_rank=dp_rank,
-                seed=cfg.seed,
+            dataclasses.replace(
+                d.sampler, data_parallel_size=dp_size, data_parallel_rank=dp_rank
             ),
         )
         self.features = None
@@ -67,13 +69,39 @@ class BatchSource:
         if needs_pixels and d.features:
             self.features = [FeatureStore(p, ds) for p, ds in zip(d.features, self.datasets)]
         elif needs_pixels:
-            self.image_cfg = ImageConfig(
+            self.image_cfg = dataclasses.replace(
+                d.image,
                 size=model_cfg.vision.image_size,
-                backend=d.image_backend,
                 device="cuda" if torch.cuda.is_available() else "cpu",
             )
         self.num_workers = d.num_workers
         self._it = None
+
+    def summary(self, train_steps: int, global_batch_size: int) -> list[str]:
+        """Lines describing the training data for the start of a run, with warnings for keys
+        the sampling target asks for but the data lacks and for a global batch larger than
+        the data."""
+        per_key: dict[str, int] = {}
+        for ds in self.datasets:
+            for k, n in (ds.manifest.get("per_key") or {}).items():
+                per_key[k] = per_key.get(k, 0) + int(n)
+        total = sum(len(ds) for ds in self.datasets)
+        lines = [
+            f"data: {total} entries in {len(self.datasets)} dataset(s); per key: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(per_key.items()))
+        ]
+        wanted = sorted(self.sampler.cfg.target_weights())
+        missing = [k for k in wanted if per_key and not per_key.get(k)]
+        if missing:
+            lines.append(f"WARNING data: sampling-target keys missing from the data: {missing}")
+        seen = train_steps * global_batch_size
+        lines.append(f"data: the run draws {seen} samples = {seen / max(total, 1):.1f} epochs")
+        if global_batch_size > total:
+            lines.append(
+                f"WARNING data: global_batch_size {global_batch_size} exceeds the {total} entries "
+                "of the data: every step repeats samples (lower global_batch_size)"
+            )
+        return lines
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -97,38 +125,26 @@ class BatchSource:
 
     def next(self):
         """(micro-batches, CaptionBatch) of the next step."""
-        from mmcap.train.step import MicroBatch
-
         if self._it is None:
             self._it = self._iterator()
         batch = next(self._it)
-        t = batch.tokens
-        dev = current_device()
-        has_image = torch.from_numpy(batch.image >= 0)
-        any_image = bool(has_image.any())
-        n_img = self.num_image_tokens if any_image else 0
-        mixed = any_image and not bool(has_image.all())
-        key = torch.from_numpy(np.asarray(batch.key, dtype=np.int64))
-        pixels = batch.pixels if any_image else None
-        feats = batch.features if any_image else None
-        mbs = []
-        m = self.micro_batch_size
-        for i in range(self.num_microbatches):
-            sl = slice(i * m, (i + 1) * m)
-            mbs.append(
-                MicroBatch(
-                    prompt_ids=t.encoder_input_ids[sl].to(dev),
-                    prompt_mask=t.encoder_attention_mask[sl].to(dev),
-                    decoder_input_ids=t.decoder_input_ids[sl].to(dev),
-                    labels=t.labels[sl].to(dev),
-                    pixel_values=pixels[sl].to(dev) if pixels is not None else None,
-                    image_tokens=feats[sl].to(dev) if feats is not None else None,
-                    num_image_tokens=n_img,
-                    has_image=has_image[sl].to(dev) if mixed else None,
-                    key=key[sl].to(dev),
-                )
-            )
+        mbs = split_microbatches(
+            batch.tokens,
+            self.micro_batch_size,
+            num_image_tokens=self.num_image_tokens,
+            has_image=torch.from_numpy(batch.image >= 0),
+            pixels=batch.pixels,
+            features=batch.features,
+            key=torch.from_numpy(np.asarray(batch.key, dtype=np.int64)),
+            device=current_device(),
+        )
         return mbs, batch
+
+    def close(self) -> None:
+        """Shut the DataLoader workers down now (not at interpreter exit)."""
+        it, self._it = self._it, None
+        if it is not None:
+            it.close()  # GeneratorExit inside iterate_batches frees its DataLoader iterator
 
 
 class StepCounter:

@@ -132,6 +132,8 @@ class MetricsLogger:
             needs ``pip install wandb``.
         metrics_file: JSON-lines file appended to (parent directories are created).
         total_steps: for the "step i/N (x%)" progress and the ETA.
+        log_interval / peak_tflops / world_size: :meth:`log_step`'s console interval, per-GPU
+            peak for MFU (None = no MFU) and the number of ranks sharing a step's FLOPs.
     """
 
     def __init__(
@@ -144,9 +146,13 @@ class MetricsLogger:
         wandb_config: dict | None = None,
         metrics_file: str | None = None,
         total_steps: int | None = None,
+        log_interval: int = 1,
+        peak_tflops: float | None = None,
+        world_size: int = 1,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
+        self.log_interval, self.peak_tflops, self.world_size = log_interval, peak_tflops, world_size
         self._step_times: collections.deque[float] = collections.deque(maxlen=ETA_WINDOW)
         self._file = None
         self._tb = None
@@ -171,7 +177,9 @@ class MetricsLogger:
             # Kept open across log() calls, closed by close().
             self._file = open(metrics_file, "a", encoding="utf-8")  # noqa: SIM115
 
-    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+    def log(
+        self, step: int, metrics: dict[str, float], console: bool = True, tensorboard: bool = True
+    ) -> None:
         """Record ``metrics`` of ``step`` in every sink.
 
         Args:
@@ -179,6 +187,7 @@ class MetricsLogger:
             metrics: name -> value; numeric values go to TensorBoard / wandb, every value to
                 the JSON line (it must be JSON-encodable after tensor unwrapping).
             console: also print the progress line.
+            tensorboard: also write TensorBoard / wandb points (the JSON line is always written).
         """
         if not self.enabled:
             return
@@ -190,17 +199,62 @@ class MetricsLogger:
             self._file.flush()
             os.fsync(self._file.fileno())
         numeric = {k: x for k, v in metrics.items() if (x := _number(v)) is not None}
-        if self._tb is not None:
+        if self._tb is not None and tensorboard:
             for k, x in numeric.items():
                 self._tb.add_scalar(k, x, global_step=step)
             self._tb.flush()
-        if self._wandb_run is not None:
+        if self._wandb_run is not None and tensorboard:
             self._wandb_run.log(numeric, step=step)
         step_time = numeric.get("step_time_s")
         if step_time is not None and math.isfinite(step_time):
             self._step_times.append(step_time)
         if console:
             logger.info(self.console_line(step, numeric))
+
+    def log_step(
+        self,
+        state,
+        result,
+        *,
+        samples: float,
+        images: float,
+        flops: float,
+        step_time: float,
+        data_time: float,
+        loss_scale: float | None = None,
+    ) -> None:
+        """The metrics of one training step (:class:`mmcap.train.state.TrainState` after the
+        step, :class:`mmcap.train.step.StepResult`, the global batch's counts and times); the
+        console line every ``log_interval`` steps, at step 1 and at the last step."""
+        if not self.enabled:
+            return
+        from mmcap.train.flops import mfu
+
+        tflops = flops / step_time / self.world_size / 1e12
+        metrics = {
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": result.tokens / step_time,
+            "samples_per_s": samples / step_time,
+            "images_per_s": images / step_time,
+            "tflops_per_gpu": tflops,
+            "mfu": mfu(tflops * 1e12, self.peak_tflops),
+            "step_time_s": step_time,
+            "data_time_s": data_time,
+            "consumed_samples": state.consumed_samples,
+            "skipped_steps": state.skipped_steps,
+            "data/decode_failures": state.decode_failures,
+            "loss_scale": loss_scale,
+            **{f"loss/{k}": v for k, v in result.key_loss.items()},
+        }
+        step = state.step
+        console = step % self.log_interval == 0 or step == 1 or step == self.total_steps
+        if console:
+            metrics.update(memory_stats())
+        # Every step to the JSON lines; TensorBoard / wandb at the console interval.
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        self.log(step, metrics, console=console, tensorboard=console)
 
     def console_line(self, step: int, metrics: dict[str, float]) -> str:
         """The progress line for ``step``: the :data:`CONSOLE_KEYS` present in ``metrics``, then

@@ -79,7 +79,7 @@ from mmcap.config import (
     PrecisionConfig,
 )
 from mmcap.config.parallel import validate_layout
-from mmcap.model.captioner import packed_rows
+from mmcap.model.stage_io import packed_rows
 from mmcap.model.pipeline import decoder_layer_range
 
 GIB = 1024**3

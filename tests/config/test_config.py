@@ -97,3 +97,35 @@ def test_field_errors_name_field_and_fix():
 def test_replace_keeps_hf_alternation_when_layers_change():
     d = dataclasses.replace(get_preset("debug-gemma").decoder, num_layers=3)
     assert d.resolved_layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+
+
+def test_florence_family_caps_final_logits_and_follows_official_tables():
+    """SYSTEM.md "Decoder side, Florence-2 sizes": soft-cap 30 on the final logits (debug
+    preset too: it is the family's test model); official configs' position tables and
+    encoder vocabularies (51,328 rows for the Florence sizes, 51,289 for the Gemma sizes)."""
+    for name in ("florence-2-base", "florence-2-large", "debug-florence"):
+        d = get_preset(name).decoder
+        assert d.arch == "bart" and d.final_logit_softcap == 30.0 and d.attn_logit_softcap is None
+    for name, enc_rows, positions in [
+        ("florence-2-base", 51328, 1024),
+        ("florence-2-large", 51328, 4096),
+        ("florence-gemma-2-large", 51289, 4096),
+        ("florence-gemma-2-xlarge", 51289, 4096),
+    ]:
+        e = get_preset(name).encoder
+        assert (e.padded_vocab_size, e.max_position_embeddings) == (enc_rows, positions), name
+
+
+def test_vision_train_mode_is_a_typed_override_that_survives_serialisation():
+    from mmcap.config import replace
+    from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
+
+    cfg = replace(get_preset("debug-gemma"), vision_train_mode=True)
+    data = model_config_to_dict(cfg)
+    assert model_config_from_dict(data) == cfg
+    del data["vision_train_mode"]  # written before the switch existed: mmcap's default
+    assert model_config_from_dict(data).vision_train_mode is False
+    with pytest.raises(ConfigError, match="ModelConfig.vision_train_mode"):
+        replace(cfg, vision_train_mode="yes")
+    with pytest.raises(ValueError, match="unknown field.*vision_train_mod"):
+        model_config_from_dict({**data, "vision_train_mod": True})

@@ -30,11 +30,34 @@ def test_shift_and_padding_by_hand():
     assert b.labels.dtype == torch.int64 and b.encoder_attention_mask.dtype == torch.bool
 
 
-@pytest.mark.parametrize("pad_to, multiple", [("longest", 8), ("longest", 1), ("max", 8)])
-def test_matches_reference_on_random_batches(pad_to, multiple):
+def test_crop_keeping_eos_is_the_tokenizer_truncation(loaded_tokenizers):
+    """keep_eos_on_crop = Hugging Face ``truncation=True, max_length=L`` (the official CE
+    eval's prompt crop to 447 tokens), on the BART tokenizer itself."""
+    _, prompt = loaded_tokenizers
+    text = "The target language is German. Translate the following text: " + "a red car " * 30
+    full = prompt.encode([text])[0]
+    for n in (5, 17, len(full) - 1, len(full), len(full) + 3):
+        want = prompt.tok(text, truncation=True, max_length=n)["input_ids"]
+        cfg = BatchConfig(max_prompt_tokens=n, max_target_tokens=4, keep_eos_on_crop=True)
+        b = collate_tokens([full], [np.array([2, 5, 1])], cfg)
+        assert b.encoder_input_ids[0][b.encoder_attention_mask[0]].tolist() == want, n
+    b = collate_tokens([full], [np.array([2, 5, 6, 7, 1])], cfg)  # target cropped to 4
+    assert b.labels.tolist() == [[2, 5, 6, 1]]
+    assert b.decoder_input_ids.tolist() == [[1, 2, 5, 6]]
+
+
+@pytest.mark.parametrize(
+    "pad_to, multiple, keep_eos",
+    [("longest", 8, False), ("longest", 1, False), ("max", 8, False), ("longest", 8, True)],
+)
+def test_matches_reference_on_random_batches(pad_to, multiple, keep_eos):
     rng = np.random.default_rng(0)
     cfg = BatchConfig(
-        max_prompt_tokens=40, max_target_tokens=24, pad_to=pad_to, pad_multiple=multiple
+        max_prompt_tokens=40,
+        max_target_tokens=24,
+        pad_to=pad_to,
+        pad_multiple=multiple,
+        keep_eos_on_crop=keep_eos,
     )
     for _ in range(20):
         n = int(rng.integers(1, 9))

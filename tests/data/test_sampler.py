@@ -92,6 +92,31 @@ def test_custom_target_weights():
         assert abs(shares[k] / (w / 5.0) - 1) < 0.01
 
 
+# Official train.py get_balancing_data, written out as shares (not derived from our table).
+OFFICIAL_SHARES = {
+    "task-balancing": {"caption-en": 5, "caption-de": 5, **{
+        f"translation-{x}": 2 for x in ("de", "fr", "es", "zh", "ru")}},
+    "lang-balancing": {"caption-en": 2, "caption-de": 1, "translation-de": 1, **{
+        f"translation-{x}": 2 for x in ("fr", "es", "zh", "ru")}},
+}
+
+
+@pytest.mark.parametrize("balancing", sorted(OFFICIAL_SHARES))
+def test_official_presets_reach_their_shares(balancing):
+    want = {k: w / sum(OFFICIAL_SHARES[balancing].values())
+            for k, w in OFFICIAL_SHARES[balancing].items()}
+    assert SamplerConfig(balancing=balancing).target_weights() == pytest.approx(want)
+    sampler = TaskLangSampler(
+        [_index(4, 3000, PRETRAIN_AVAIL)], SamplerConfig(balancing=balancing, global_batch_size=100)
+    )
+    for _ in range(100):
+        sampler.next_batch()
+    shares = sampler.key_shares()
+    assert set(shares) == set(want)
+    for k, w in want.items():
+        assert abs(shares[k] / w - 1) < 0.01, (k, shares[k], w)
+
+
 def test_blending_follows_weights_exactly():
     a, b = _index(2, 500, PRETRAIN_AVAIL, "a"), _index(3, 80, PRETRAIN_AVAIL, "b")
     sampler = TaskLangSampler(
@@ -171,7 +196,9 @@ def test_invalid_setups():
         TaskLangSampler([_index(9, 10, PRETRAIN_AVAIL)], SamplerConfig(dataset_weights=(1.0, 2.0)))
     with pytest.raises(ConfigError, match="global_batch_size"):
         SamplerConfig(global_batch_size=10, data_parallel_size=4)
-    with pytest.raises(ConfigError, match="balancing"):
-        SamplerConfig(balancing="lang-balancing")
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.balancing: unknown preset 'lang'"):
+        SamplerConfig(balancing="lang")
+    with pytest.raises(ConfigError, match="SamplerConfig.target"):
+        SamplerConfig(balancing="task-balancing", target={"caption-en": 1.0})
     with pytest.raises(ConfigError, match="unknown key"):
         SamplerConfig(balancing="custom", target={"caption-it": 1.0})

@@ -165,7 +165,7 @@ def pool():
 
 def _check(obj: dict, setup, preset: str) -> None:
     ds, ref = setup["ds"], setup["ref"][preset]
-    assert set(obj) == {"splits", "keys", "samples", "meta"}
+    assert set(obj) - {"compute"} == {"splits", "keys", "samples", "meta"}
     samples = obj["samples"]
     assert [s["row"] for s in samples] == list(range(len(ds)))
     assert sorted((s["id"], s["task"], s["lang"]) for s in samples) == setup["truth"]
@@ -194,6 +194,8 @@ def _args(setup, preset, out, *layout):
         str(out),
         "--micro-batch-size",
         str(MBS),
+        "--image-size",
+        str(IMAGE),  # the debug models' size; the default is the official eval's 224 px
         *layout,
     ]
 
@@ -205,6 +207,50 @@ def test_one_process_equals_hf(setup, preset, tmp_path):
     obj = json.loads(out.read_text())
     _check(obj, setup, preset)
     assert obj["meta"]["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+
+
+def _crop_keep_eos(ids, n):
+    ids = list(ids)
+    return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
+
+
+def test_official_crop_and_compute_report(setup, tmp_path):
+    """Crops that keep </s> / <eos> (the official eval's tokenizer truncation) score what HF
+    scores on the so-cropped ids; the compute report is written beside the results."""
+    from transformers import AutoModelForImageTextToText
+
+    ds, preset, root = setup["ds"], "debug-florence", setup["root"]
+    out = tmp_path / "results.json"
+    args = _args(setup, preset, out, "--max-prompt-tokens", "9", "--max-target-tokens", "6")
+    args += ["--training-steps", "10", "--training-batch-size", "4"]
+    assert eval_loss_main(args) == 0
+    obj = json.loads(out.read_text())
+    assert (obj["meta"]["max_prompt_tokens"], obj["meta"]["max_target_tokens"]) == (9, 6)
+    assert obj["meta"]["keep_eos_on_crop"] is True
+    hf = AutoModelForImageTextToText.from_pretrained(root / f"hf_{preset}").eval()
+    image = np.asarray(ds.entries["image"])
+    cropped = 0
+    for s in obj["samples"]:
+        r = s["row"]
+        p, t = _crop_keep_eos(ds.prompt_ids(r), 9), _crop_keep_eos(ds.target_ids(r), 6)
+        cropped += len(t) < len(ds.target_ids(r))
+        assert t[-1] == 1 and s["tokens"] == len(t)  # <eos> kept
+        jpeg = ds.image_bytes(int(image[r])) if image[r] >= 0 else None
+        assert abs(s["ce"] - _hf_ce(hf, p, t, jpeg)) <= TOL, s
+    assert cropped > len(ds) // 2
+    c = obj["compute"]
+    assert (c["training_seen_samples"], c["image_size"], c["prompt_tokens"]) == (40, 224, 128)
+    assert c["training_macs"] == pytest.approx(40 * c["model_macs"] * c["forward_backward_factor"])
+
+
+def test_too_long_for_the_position_table_is_a_clear_error(setup, tmp_path, capsys):
+    """The issue's case: a tiny model (256 encoder positions) evaluated at 768 px (577 image
+    tokens) stops before building the model, naming the lengths and the limit."""
+    out = tmp_path / "results.json"
+    assert eval_loss_main(_args(setup, "debug-gemma", out, "--image-size", "768")) == 1
+    err = capsys.readouterr().err
+    assert "577 image tokens (768 px)" in err and "> 256" in err, err
+    assert "EncoderConfig.max_position_embeddings" in err and not out.exists()
 
 
 def _eval_on_rank(args: list[str]):
@@ -225,6 +271,8 @@ def _eval_on_rank(args: list[str]):
         ("debug-gemma", ("--pp", "2")),
         ("debug-gemma", ()),  # DP=2: the replicas split the samples
         ("debug-gemma", ("--pp", "2", "--vpp", "2")),  # interleaved schedule, filler batches
+        # compute report counted at TP = PP = 1 first, then the PP = 2 layout built
+        ("debug-gemma", ("--pp", "2", "--training-steps", "3", "--training-batch-size", "2")),
         ("debug-florence", ("--tp", "2")),
         ("debug-florence", ("--pp", "2")),
     ],
@@ -239,6 +287,7 @@ def test_layouts_equal_hf(pool, setup, preset, layout, tmp_path):
     pp = int(layout[1]) if layout[:1] == ("--pp",) else 1
     assert obj["meta"]["layout"] == {"tp": tp, "pp": pp, "dp": 2 // (tp * pp)}
     assert results[0][1] == 2 // (tp * pp)
+    assert ("compute" in obj) == ("--training-steps" in layout)
 
 
 def _validate_like_training(ckpt: str, data: str):

@@ -43,6 +43,9 @@ def test_splits_are_sample_weighted_means_by_hand():
     }
     # ST = translation es + zh: (1.5 + 2.5) / 2; translation-de is not in ST.
     assert splits["ST"]["ce"] == pytest.approx(2.0) and splits["ST"]["samples"] == 2
+    # mean = the six held-out sets: (2 + 4 + 3 + 6 + 1.5 + 2.5) / 6; de/fr keys left out.
+    assert splits["mean"]["ce"] == pytest.approx(19.0 / 6) and splits["mean"]["samples"] == 6
+    assert splits["mean"]["tokens"] == 10 + 2 + 5 + 7 + 4 + 4
 
 
 def test_split_membership_is_the_papers():
@@ -50,6 +53,15 @@ def test_split_membership_is_the_papers():
         "SC": ("caption-en", "caption-de"),
         "UC": ("caption-es", "caption-zh"),
         "ST": ("translation-es", "translation-zh"),
+        # official summarize_results "mean" over its six eval sets
+        "mean": (
+            "caption-en",
+            "caption-de",
+            "caption-es",
+            "caption-zh",
+            "translation-es",
+            "translation-zh",
+        ),
     }
 
 
@@ -66,7 +78,11 @@ def test_json_shape_order_and_atomic_write(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.json"]  # no temp file left
     obj = json.loads(out.read_text())
     assert set(obj) == {"splits", "keys", "samples", "meta"}
-    assert set(obj["splits"]) == {"SC", "UC", "ST"}
+    assert set(obj["splits"]) == {"SC", "UC", "ST", "mean"}
+    assert "compute" not in obj
+    out = write_results(result, tmp_path / "c.json", compute={"model_macs": 3})
+    obj = json.loads(out.read_text())
+    assert obj["compute"] == {"model_macs": 3} and "meta" not in obj
     assert obj["samples"][0] == {
         "id": "r",
         "task": "caption",

@@ -103,6 +103,9 @@ def test_exported_model_logits_equal_mmcap(work, name):
     ours, cfg = _mmcap_logits(d / f"ck_{name}", pixels, prompt, mask, dec)
     ref = _hf_logits(hf, hf.config.image_token_id, pixels, prompt, mask, dec)
     assert (ours - ref).abs().max().item() <= 1e-4
+    # Florence sizes: --florence import and the HF export both carry the final logit cap 30.
+    cap = 30.0 if name == "f" else 15.0  # tiny Gemma-2: its own config's cap
+    assert cfg.decoder.final_logit_softcap == cap and hf.config.logit_softcap() == cap
 
 
 def test_round_trip_is_bit_exact(work):

@@ -6,9 +6,12 @@ Then the decoder vocabulary is made different from the encoder's (1200 vs 1000 r
 native class cannot hold.
 """
 
+import copy
+
 import pytest
 import torch
 
+from mmcap.hf.configuration_mmcap import MmcapCaptionerConfig
 from mmcap.testing.hf_models import tiny_florence2
 from tests.hf._tiny import SHARED, encoder_inputs, florence_family
 
@@ -114,7 +117,49 @@ def test_generate_infers_encoder_mask_from_bart_pad(native, model):
         "input_ids": input_ids,
         "max_new_tokens": 4,
         "min_new_tokens": 4,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+        "num_beams": 1,  # one row per sample in the step logits
     }
-    assert torch.equal(
-        model.generate(**kw), model.generate(**kw, attention_mask=(input_ids != 1).long())
+    implicit = model.generate(**kw)
+    explicit = model.generate(**kw, attention_mask=(input_ids != 1).long())
+    unmasked = model.generate(**kw, attention_mask=torch.ones_like(input_ids))
+    assert torch.equal(implicit.sequences, explicit.sequences)
+    a, b, u = (torch.stack(x.logits, 1) for x in (implicit, explicit, unmasked))
+    assert torch.equal(a, b)  # (transformers itself builds no mask for encoder-decoder models)
+    assert (a[1] - u[1]).abs().max().item() > 1e-4  # sample 1 has 3 pad positions
+
+
+def test_final_logit_softcap_in_forward_loss_and_generation(native):
+    """``final_logit_softcapping=30`` (the paper's Florence sizes, official florence2.py):
+    logits = 30 tanh(native / 30) in forward, in the loss and in every generation step."""
+    big = copy.deepcopy(native)
+    with torch.no_grad():  # logits of tens: the cap changes them visibly
+        big.model.language_model.decoder.layers[-1].final_layer_norm.weight.mul_(40.0)
+    plain = florence_family(big)
+    capped = florence_family(big, final_logit_softcapping=30.0)
+    pixel_values, input_ids, attention_mask = encoder_inputs(native.config.image_token_id)
+    kw = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    labels = torch.randint(2, 1000, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = plain(**kw, labels=labels)
+        got = capped(**kw, labels=labels)
+    expected = 30.0 * torch.tanh(ref.logits / 30.0)
+    assert (expected - ref.logits).abs().max().item() > 1.0
+    assert (got.logits - expected).abs().max().item() <= 1e-5
+    ce = torch.nn.functional.cross_entropy(expected.flatten(0, 1), labels.flatten())
+    assert abs(got.loss.item() - ce.item()) <= 1e-5 and abs(ce.item() - ref.loss.item()) > 1e-2
+    gen = capped.generate(
+        **kw,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
+    with torch.no_grad():
+        forced = capped(**kw, decoder_input_ids=gen.sequences[:, :-1]).logits
+    steps = torch.stack(gen.logits, 1)
+    assert (steps - forced).abs().max().item() <= 1e-4
+    assert steps.abs().max().item() < 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        MmcapCaptionerConfig(final_logit_softcapping=-1.0)

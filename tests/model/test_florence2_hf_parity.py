@@ -3,6 +3,11 @@
 A tiny random HF model is converted with mmcap's key tables (vision: mmcap.model.vision.hf_keys;
 BART encoder / decoder: mmcap.hf.florence2_keys); the same pixels and prompt ids must give the
 same image tokens, encoder output and decoder logits. Tolerance 1e-4 (fp32) is the issue's bound.
+
+The paper's Florence sizes cap the final logits, ``30 * tanh(logits / 30)`` (official
+models/florence2.py; transformers' native class has no cap), so the reference side applies the
+cap to the native logits. The last decoder layer's output norm is scaled up so that logits reach
+the range where the cap matters (a missing cap fails the test by far more than the tolerance).
 """
 
 import pytest
@@ -17,11 +22,19 @@ from mmcap.testing.hf_models import tiny_florence2
 
 IMAGE_TOKEN = 999
 IMAGE_SIZE = 64  # grid 2x2 -> 5 image tokens
+CAP = 30.0  # official Florence-2 language model
+
+
+def _capped(logits: torch.Tensor) -> torch.Tensor:
+    return CAP * torch.tanh(logits / CAP)
 
 
 @pytest.fixture(scope="module")
 def hf_model():
-    return tiny_florence2(seed=0, image_token_id=IMAGE_TOKEN)
+    model = tiny_florence2(seed=0, image_token_id=IMAGE_TOKEN)
+    with torch.no_grad():  # logits of tens, not ~1: the cap then changes them visibly
+        model.model.language_model.decoder.layers[-1].final_layer_norm.weight.mul_(40.0)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +97,9 @@ def test_image_tokens_encoder_and_logits_match_hf(ours, hf_model, model_cfg):
     valid = enc_mask.transpose(0, 1)[..., None]
     diff = ((enc - ref.encoder_last_hidden_state.transpose(0, 1)) * valid).abs().max().item()
     assert diff <= 1e-4
-    assert (logits - ref.logits).abs().max().item() <= 1e-4
+    assert model_cfg.decoder.final_logit_softcap == CAP
+    assert (_capped(ref.logits) - ref.logits).abs().max().item() > 1.0  # the cap matters here
+    assert (logits - _capped(ref.logits)).abs().max().item() <= 1e-4
 
 
 def test_loss_matches_hf_cross_entropy(ours, hf_model, model_cfg):
@@ -93,8 +108,12 @@ def test_loss_matches_hf_cross_entropy(ours, hf_model, model_cfg):
     labels[0, -2:] = -100
     ref = _hf_forward(hf_model, model_cfg, pixels, prompt, prompt_mask, dec_ids)
     expected = torch.nn.functional.cross_entropy(
+        _capped(ref.logits).transpose(1, 2), labels, reduction="none"
+    )
+    uncapped = torch.nn.functional.cross_entropy(
         ref.logits.transpose(1, 2), labels, reduction="none"
     )
+    assert (expected - uncapped).abs().max().item() > 1e-2
     with torch.no_grad():
         tok = ours(prompt, dec_ids, prompt_mask, pixel_values=pixels, labels=labels)
     assert (tok - expected).abs().max().item() <= 1e-4

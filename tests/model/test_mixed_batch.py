@@ -8,7 +8,7 @@ import torch
 
 from mmcap.config import PrecisionConfig, get_preset
 from mmcap.model.build import build_model
-from mmcap.train.step import MicroBatch
+from mmcap.model.stage_io import MicroBatch
 
 FP32 = PrecisionConfig("fp32")
 

@@ -166,3 +166,24 @@ def test_memory_stats():
     assert stats["mem_gib"] > 0
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         assert set(stats) == {"mem_gib"}
+
+
+def test_tensorboard_inspect_reads_the_logs(tmp_path):
+    """The pinned environment runs `tensorboard --inspect` (it imports pkg_resources)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmcap.train.logger import MetricsLogger
+
+    with MetricsLogger(tensorboard_dir=str(tmp_path / "tb")) as lg:
+        lg.log(1, {"loss": 2.5}, console=False)
+    exe = Path(sys.executable).parent / "tensorboard"
+    p = subprocess.run(
+        [str(exe), "--inspect", "--logdir", str(tmp_path / "tb")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loss" in p.stdout + p.stderr

@@ -1,10 +1,15 @@
-"""The whole training loop as users run it: ``torchrun -m mmcap.train`` on 2 gloo processes.
+"""The whole training loop as users run it.
 
-- kill -9 of the whole process group after a checkpoint, resume with ``--resume auto``: the
-  per-step losses equal (bit for bit) those of an uninterrupted run;
-- SIGTERM to the process group: every rank checkpoints the current step and exits 0;
-- non-finite losses: steps are skipped and logged, K in a row stop the run (exit 3) without a
-  new checkpoint.
+Two tiers (the runs cost mostly interpreter start-up, so only process semantics pay for it):
+
+- real ``torchrun -m mmcap.train`` processes for what is about processes: kill -9 of the whole
+  process group after a checkpoint, then ``--resume auto``: the per-step losses equal (bit for
+  bit) those of an uninterrupted run; SIGTERM to the process group: every rank checkpoints the
+  current step and exits 0;
+- the same command line run IN-PROCESS on a rank of this module's gloo pools
+  (:func:`mmcap.testing.train.train_in_process`, a world of 2 for PP=2 and a world of 1 for a
+  plain ``python -m mmcap.train``) for everything else: non-finite steps, the save policy,
+  fp16 / bf16, resume in another layout, interleaved runs, the tools on training checkpoints.
 """
 
 import json
@@ -18,9 +23,35 @@ from pathlib import Path
 
 import pytest
 
+from mmcap.testing import DistributedWorkers
+from mmcap.testing.train import tool_in_process, train_in_process
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def world2():
+    with DistributedWorkers(2, timeout=600) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def world1():
+    with DistributedWorkers(1, timeout=600) as w:
+        yield w
+
+
+def _train2(world2, args) -> tuple[int, str]:
+    """A 2-rank run in the pool: (exit code of rank 0, both ranks' logs)."""
+    res = world2.run(train_in_process, [str(a) for a in args])
+    assert res[0][0] == res[1][0], res
+    return res[0][0], res[0][1] + res[1][1]
+
+
+def _train1(world1, args) -> tuple[int, str]:
+    return world1.run(train_in_process, [str(a) for a in args])[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +72,8 @@ def _args(dataset, save, steps, *extra):
         "--preset",
         "debug-gemma",
         f"data.train=[{dataset}]",
-        "data.max_prompt_tokens=24",
-        "data.max_target_tokens=24",
+        "data.batch.max_prompt_tokens=24",
+        "data.batch.max_target_tokens=24",
         "data.num_workers=1",
         f"checkpoint.save={save}",
         f"train_steps={steps}",
@@ -115,18 +146,17 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def reference_run(dataset, tmp_path_factory):
-    """2N uninterrupted steps at PP=2 (checkpoints every 4 steps)."""
+def reference_run(dataset, tmp_path_factory, world2):
+    """STEPS uninterrupted steps at PP=2 (checkpoints every 4 steps), in-process on 2 ranks."""
     ref = tmp_path_factory.mktemp("ref") / "run"
-    rc, out = _run(
-        _torchrun(2, _args(dataset, ref, STEPS, "checkpoint.save_interval=4", *LAYOUT)),
-        ref.parent / "ref.log",
-    )
+    rc, out = _train2(world2, _args(dataset, ref, STEPS, "checkpoint.save_interval=4", *LAYOUT))
     assert rc == 0, out
     return ref
 
 
 def test_kill9_resume_is_bit_identical(dataset, reference_run, tmp_path):
+    """Real torchrun processes, killed with SIGKILL, resumed: equal (bit for bit) to the
+    in-process reference run, which also shows both tiers run the same computation."""
     steps = STEPS
     want = _losses(reference_run)
     assert sorted(want) == list(range(1, steps + 1))
@@ -176,10 +206,10 @@ def test_sigterm_checkpoints_and_exits_zero(dataset, tmp_path):
     assert state["step"] == last and state["consumed_samples"] == 8 * last
 
 
-def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
+def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path, world1):
     """LR 1e30 blows the weights up after step 1: later losses are non-finite, skipped and
     logged; after max_bad_steps in a row the run stops with exit code 3 and writes no new
-    checkpoint (one process, world of one)."""
+    checkpoint (world of one)."""
     save = tmp_path / "run"
     args = _args(
         dataset,
@@ -191,7 +221,7 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
         "optim.clip_grad=0",
         "max_bad_steps=3",
     )
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "run.log")
+    rc, out = _train1(world1, args)
     assert rc == 3, out
     assert "steps in a row had a non-finite loss" in out
     recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
@@ -201,44 +231,75 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
     assert _latest(save) == f"step_{last_good:08d}"
 
 
-def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_path):
+def test_run_ending_on_a_skipped_step_still_saves(dataset, tmp_path, world1):
+    """The one save policy: train_steps == save_interval == 2 and a non-finite last step
+    (LR 1e30: step 1 updates, step 2's loss is non-finite and skipped, 1 < max_bad_steps). The
+    run ends normally (exit 0), so it must leave a checkpoint of its last step. Before the
+    Checkpointer, the interval save skipped the bad step and the end save skipped a step that
+    was a multiple of save_interval: exit 0 and no checkpoint at all."""
+    save = tmp_path / "run"
+    args = _args(
+        dataset,
+        save,
+        2,
+        "checkpoint.save_interval=2",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "optim.clip_grad=0",
+        "max_bad_steps=5",
+    )
+    rc, out = _train1(world1, args)
+    assert rc == 0, out
+    recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in recs] == [0, 1], recs
+    assert _latest(save) == "step_00000002", out
+    state = json.loads((save / "step_00000002" / "train_state.json").read_text())
+    assert state["step"] == 2 and state["skipped_steps"] == 1 and state["consumed_samples"] == 16
+    # Started again, the finished run says so and does not save its last step again.
+    mtime = (save / "step_00000002" / "train_state.json").stat().st_mtime_ns
+    rc, out = _train1(world1, args)
+    assert rc == 0 and "already complete at step 2" in out, out
+    assert (save / "step_00000002" / "train_state.json").stat().st_mtime_ns == mtime
+
+
+def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_path, world1):
     """The tools read training checkpoints (model + optimizer + RNG state) directly."""
     ckpt = reference_run / _latest(reference_run)
-    rc, out = _run(
-        [
-            sys.executable,
-            "tools/eval_loss.py",
-            "--ckpt",
-            str(ckpt),
-            "--data",
-            str(dataset),
-            "--out",
-            str(tmp_path / "res.json"),
-        ],
-        tmp_path / "eval.log",
-    )
+    rc, out = world1.run(
+        tool_in_process,
+        "eval_loss",
+        ["--ckpt", str(ckpt), "--data", str(dataset), "--out", str(tmp_path / "res.json")],
+    )[0]
     assert rc == 0, out
     res = json.loads((tmp_path / "res.json").read_text())
     assert len(res["samples"]) == 203 and all(s["ce"] > 0 for s in res["samples"])
-    rc, out = _run(
-        [
-            sys.executable,
-            "tools/convert_to_hf.py",
-            "--ckpt",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "hf"),
-        ],
-        tmp_path / "export.log",
-    )
+    # A run directory resolves to its newest checkpoint, as --resume does.
+    rc, out = world1.run(
+        tool_in_process,
+        "convert_to_hf",
+        ["--ckpt", str(reference_run), "--out", str(tmp_path / "hf")],
+    )[0]
     assert rc == 0, out
     assert (tmp_path / "hf" / "config.json").is_file()
+    # A truncated shard: an error naming the file, no traceback.
+    import shutil
+
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    shard = sorted(bad.glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 3)
+    for tool, extra in [
+        ("eval_loss", ["--data", str(dataset)]),
+        ("convert_to_hf", ["--out", str(tmp_path / "hf2")]),
+    ]:
+        rc, out = world1.run(tool_in_process, tool, ["--ckpt", str(bad), *extra])[0]
+        assert rc != 0 and str(shard) in out and "Traceback" not in out, (tool, out)
 
 
-def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path):
+def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path, world1):
     """fp16: megatron-core's dynamic loss scale starts high; the overflow steps are skipped,
     logged with the new scale and do NOT count as bad steps; later steps update. bf16 with full
-    recompute trains (one process each)."""
+    recompute trains (world of one each)."""
     save = tmp_path / "fp16"
     args = _args(
         dataset,
@@ -249,7 +310,7 @@ def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path):
         "max_bad_steps=2",
         "data.num_workers=0",
     )
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "fp16.log")
+    rc, out = _train1(world1, args)
     assert rc == 0, out
     assert "fp16 gradient overflow, loss scale now" in out
     recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
@@ -267,13 +328,13 @@ def test_fp16_loss_scale_calibration_and_bf16_recompute(dataset, tmp_path):
         "recompute=full",
         "data.num_workers=0",
     )
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "bf16.log")
+    rc, out = _train1(world1, args)
     assert rc == 0, out
     assert all(math.isfinite(v) for v in _losses(save).values()) and len(_losses(save)) == 3
 
 
-def test_resume_in_another_layout(dataset, reference_run, tmp_path):
-    """The PP=2 run's step-8 checkpoint continues in ONE process (TP=PP=DP=1): model,
+def test_resume_in_another_layout(dataset, reference_run, tmp_path, world1):
+    """The PP=2 run's step-8 checkpoint continues in a world of one (TP=PP=DP=1): model,
     optimizer, scheduler and sampler state reshard, so step 9 sees the same batch and weights and
     its loss equals the reference run's step 9 up to reduction order."""
     save = tmp_path / "run"
@@ -285,7 +346,7 @@ def test_resume_in_another_layout(dataset, reference_run, tmp_path):
         "exit_interval=9",
         f"checkpoint.resume={reference_run / 'step_00000008'}",
     )
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "run.log")
+    rc, out = _train1(world1, args)
     assert rc == 0, out
     assert "resumed from" in out and "layout TP=1 PP=1 DP=1" in out
     got, want = _losses(save), _losses(reference_run)
@@ -294,14 +355,14 @@ def test_resume_in_another_layout(dataset, reference_run, tmp_path):
     assert got[9] != want[8]  # not a re-run of the previous step
 
 
-def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path):
-    """checkpoint.load (initial weights) + the interleaved schedule through the CLI: PP=2 with
-    two virtual chunks per stage (4 chunks of 1 layer) and plain PP=2, both starting from the
-    reference run's step-4 weights, compute the same 4 steps; the interleaved run stops at
-    step 2 (exit_interval, a training checkpoint of 2 x 2 chunks) and resumes from it."""
+def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path, world2):
+    """checkpoint.load (initial weights) + the interleaved schedule: PP=2 with two virtual
+    chunks per stage (4 chunks of 1 layer) and plain PP=2, both starting from the reference
+    run's step-4 weights, compute the same 4 steps; the interleaved run stops at step 2
+    (exit_interval, a training checkpoint of 2 x 2 chunks) and resumes from it."""
     init = reference_run / "step_00000004"
     common = ["checkpoint.save_interval=0", f"checkpoint.load={init}", *LAYOUT]
-    rc, out = _run(_torchrun(2, _args(dataset, tmp_path / "pp2", 4, *common)), tmp_path / "pp2.log")
+    rc, out = _train2(world2, _args(dataset, tmp_path / "pp2", 4, *common))
     assert rc == 0, out
     assert "initial weights from" in out
     want = _losses(tmp_path / "pp2")
@@ -313,10 +374,10 @@ def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path):
         "parallel.virtual_pipeline_parallel=2",
         "exit_interval=2",
     )
-    rc, out = _run(_torchrun(2, vpp), tmp_path / "vpp2.log")
+    rc, out = _train2(world2, vpp)
     assert rc == 0, out
     assert sorted(_losses(tmp_path / "vpp2")) == [1, 2]
-    rc, out = _run(_torchrun(2, vpp + ["--resume", "auto"]), tmp_path / "vpp2b.log")
+    rc, out = _train2(world2, vpp + ["--resume", "auto"])
     assert rc == 0, out
     assert "resumed from" in out
     got = _losses(tmp_path / "vpp2")
@@ -325,19 +386,18 @@ def test_interleaved_run_from_loaded_weights(dataset, reference_run, tmp_path):
         assert abs(got[step] - want[step]) < 1e-5, (step, got, want)
 
 
-def test_resume_is_exact_in_one_process_with_dropout(dataset, tmp_path):
-    """Resume at step 2 of 4 (one process; the debug encoder has dropout 0.1): steps 3-4 equal
+def test_resume_is_exact_in_one_process_with_dropout(dataset, tmp_path, world1):
+    """Resume at step 2 of 4 (world of one; the debug encoder has dropout 0.1): steps 3-4 equal
     the uninterrupted run bit for bit. Regression: the DataLoader iterator used to draw its
     worker seed from the global torch RNG (dropout's) after the RNG restore."""
     ref = tmp_path / "ref"
-    args = _args(dataset, ref, 4, "checkpoint.save_interval=2")
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "ref.log")
+    rc, out = _train1(world1, _args(dataset, ref, 4, "checkpoint.save_interval=2"))
     assert rc == 0, out
     run = tmp_path / "run"
     args = _args(
         dataset, run, 4, "checkpoint.save_interval=0", f"checkpoint.resume={ref / 'step_00000002'}"
     )
-    rc, out = _run([sys.executable, "-m", "mmcap.train", *args], tmp_path / "run.log")
+    rc, out = _train1(world1, args)
     assert rc == 0, out
     want, got = _losses(ref), _losses(run)
     assert sorted(got) == [3, 4]

@@ -248,18 +248,18 @@ def test_recipe_matches_paper_and_fits_8_gpus(single_rank_parallel_state, path):
     assert cfg.precision.params_dtype == "bf16"
     assert cfg.optim.decay_style == "cosine" and cfg.optim.warmup_steps == 100
     assert cfg.optim.clip_grad == 1.0 and cfg.optim.min_lr == 0.0
-    assert cfg.data.max_prompt_tokens == 128 and cfg.data.max_target_tokens == 128
+    assert cfg.data.batch.max_prompt_tokens == 128 and cfg.data.batch.max_target_tokens == 128
     assert cfg.checkpoint.resume == "auto"
     if path.parent.name == "pretrain":  # SYSTEM.md "Training recipes": continued pretraining
         assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.01
         assert cfg.global_batch_size == 1024 and cfg.train_steps == 10000
         assert model.vision.image_size == 224 and model.vision.num_image_tokens == 50
-        assert cfg.data.balancing == "task-lang-balancing"
+        assert cfg.data.sampler.balancing == "task-lang-balancing"
     else:  # fine-tuning from the 10k-step checkpoint
         assert cfg.optim.lr == 5e-5 and cfg.optim.weight_decay == 0.05
         assert cfg.global_batch_size == 256 and cfg.train_steps == 5000
         assert model.vision.image_size == 768 and model.vision.num_image_tokens == 577
-        assert cfg.data.balancing == "generalist-finetune"
+        assert cfg.data.sampler.balancing == "generalist-finetune"
         assert cfg.checkpoint.load and cfg.checkpoint.load.endswith("step_00010000")
     parallel = cfg.parallel
     dp = parallel.resolve_data_parallel(8)

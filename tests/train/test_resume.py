@@ -73,9 +73,9 @@ def _steps(cfg, chunks, opt, sched, start, n):
     for step in range(start, start + n):
         torch.manual_seed(100 + step)  # a different batch per step, same on every layout
         mbs = _batch(cfg)[rank * per : (rank + 1) * per]
-        out = train_step(chunks, opt, mbs, encoder_hidden=cfg.encoder.hidden_size)
-        sched.step(1)
-        losses.append(out["loss"])
+        out = train_step(chunks, opt, mbs, encoder_hidden=cfg.encoder.hidden_size, scheduler=sched)
+        assert out.update_successful
+        losses.append(out.loss)
     return losses
 
 

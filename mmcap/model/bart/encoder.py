@@ -18,6 +18,7 @@ from mmcap.config import EncoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
 from mmcap.model.bart.layers import BartEncoderLayer
 from mmcap.model.sharded import stack_sharded_state_dict
+from mmcap.model.stage_io import build_encoder_mask
 
 
 class BartEncoder(MegatronModule):
@@ -74,10 +75,8 @@ class BartEncoder(MegatronModule):
         b, s = prompt_ids.shape
         if prompt_mask is None:
             prompt_mask = torch.ones(b, s, dtype=torch.bool, device=prompt_ids.device)
-        mask = prompt_mask.bool()
-        if image_tokens is not None:
-            img = torch.ones(b, image_tokens.shape[1], dtype=torch.bool, device=mask.device)
-            mask = torch.cat([img, mask], dim=1)
+        n = image_tokens.shape[1] if image_tokens is not None else 0
+        mask = build_encoder_mask(prompt_mask, n)
         hidden = self.embedding(prompt_ids, prefix=image_tokens)
         for layer in self.layers:
             hidden = layer(hidden, mask)

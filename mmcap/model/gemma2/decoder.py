@@ -17,7 +17,8 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmcap.config import DecoderConfig
-from mmcap.model.decoder_base import IGNORE_INDEX, DecoderLanguageModel
+from mmcap.config import IGNORE_INDEX
+from mmcap.model.decoder_base import DecoderLanguageModel
 from mmcap.model.gemma2.layer import Gemma2DecoderLayer
 from mmcap.model.norms import GemmaRMSNorm
 from mmcap.model.rope import RotaryEmbedding

@@ -2,7 +2,9 @@
 
 The tower is frozen in every mmcap model (SYSTEM.md "What trains"). :meth:`VisionTower.freeze`
 pins it in eval mode: a later ``.train()`` (e.g. from the parent model) leaves it in eval, so
-drop-path stays off and the output is deterministic. The frozen forward runs under
+drop-path stays off and the output is deterministic; ``freeze(train_mode=True)`` instead lets it
+follow the parent's mode (the official implementation's behaviour, ``ModelConfig.
+vision_train_mode``: drop-path active on frozen weights). The frozen forward runs under
 ``torch.no_grad()`` unless ``freeze(no_grad=False)`` (for a caller that needs gradients with
 respect to the pixels). Checkpoint key tables: :mod:`mmcap.model.vision.hf_keys`.
 """
@@ -45,23 +47,29 @@ class VisionTower(nn.Module):
         self.projector = ImageProjector(cfg)
         self.frozen = False
         self.no_grad = False
+        self.train_mode = False
 
-    def freeze(self, no_grad: bool = True) -> VisionTower:
-        """Stop gradients, switch to eval mode for good, and (by default) run under no_grad.
+    def freeze(self, no_grad: bool = True, train_mode: bool = False) -> VisionTower:
+        """Stop gradients, switch to eval mode (for good unless ``train_mode``), and (by
+        default) run under no_grad.
 
         Args:
             no_grad: run ``forward`` under ``torch.no_grad()`` (saves activation memory; the
                 output then has no autograd history, which is right for a frozen tower whose
                 input is pixels).
+            train_mode: let a later ``.train()`` reach the frozen tower (drop-path active), as
+                the official implementation does; False pins eval mode.
         """
         self.requires_grad_(False)
         self.frozen = True
         self.no_grad = no_grad
+        self.train_mode = train_mode
         return self.train(False)
 
     def train(self, mode: bool = True) -> VisionTower:
-        """``nn.Module.train``, except that a frozen tower always stays in eval mode."""
-        return super().train(mode and not self.frozen)
+        """``nn.Module.train``, except that a frozen tower stays in eval mode unless it was
+        frozen with ``train_mode=True``."""
+        return super().train(mode and (not self.frozen or self.train_mode))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         ctx = torch.no_grad() if self.no_grad else contextlib.nullcontext()

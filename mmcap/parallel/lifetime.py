@@ -1,0 +1,45 @@
+"""Processes die with their launcher: a parent-death signal (Linux ``prctl``).
+
+torchrun starts every rank in a session of its own (``start_new_session=True``), so a
+``kill -KILL`` of torchrun's process group does not reach the ranks: they would go on running
+(and writing the run's checkpoint directory) after the launcher is gone. Each rank, and each of
+its DataLoader workers, asks the kernel for SIGKILL when its parent dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask for ``sig`` when the parent process dies; exits at once if it already has (the
+    process was re-parented before the call). Returns False where unsupported (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), sig)  # the parent is already gone
+    return True
+
+
+def forkserver_dies_with_parent() -> None:
+    """Make this process's multiprocessing fork server (which DataLoader workers are forked
+    from) ask for SIGKILL when its parent dies: otherwise a SIGKILLed rank leaves the fork
+    server, and with it the workers and the resource tracker, running. Call before the first
+    forkserver process starts; later calls do nothing to a running server."""
+    import multiprocessing as mp
+
+    mp.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "mmcap.parallel._lifetime_preload"]
+    )
