@@ -140,6 +140,50 @@ def test_torch_compile_matches_eager():
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+class _TileKernelStandIn:
+    """The csrc/softcap_ce tile contract (softcap_ce.h) in torch, to run the driver's kernel
+    branch (in-place running statistics, dlogits buffers, column offsets) on the CPU."""
+
+    @staticmethod
+    def _capped(z, cap):
+        if cap <= 0:
+            return z, torch.ones_like(z)
+        t = torch.tanh(z / cap)
+        return cap * t, 1 - t * t
+
+    def tile_stats(self, logits, labels, m, s, tgt, col_offset, cap):
+        c, _ = self._capped(logits, cap)
+        new_m = torch.maximum(m, c.max(-1).values)
+        s.copy_(s * torch.exp(m - new_m) + torch.exp(c - new_m[:, None]).sum(-1))
+        m.copy_(new_m)
+        col = labels - col_offset
+        hit = (col >= 0) & (col < c.shape[1])
+        tgt.copy_(torch.where(hit, c.gather(1, col.clamp(0, c.shape[1] - 1)[:, None])[:, 0], tgt))
+
+    def tile_grad(self, logits, out, labels, lse, g, col_offset, cap):
+        c, dcap = self._capped(logits, cap)
+        cols = torch.arange(c.shape[1])[None, :] + col_offset
+        d = (torch.exp(c - lse[:, None]) - (cols == labels[:, None]).float()) * dcap * g[:, None]
+        out.copy_(d.to(out.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_kernel_branch_of_the_driver(monkeypatch, dtype, cap):
+    import mmcap.ops.softcap_ce as mod
+
+    h, w, labels, grad = _problem(dtype=dtype)
+    want = _loss_and_grads(softcap_ce_fused, h, w, labels, grad, cap=cap, vocab_size=45,
+                           token_chunk=8, vocab_chunk=7)  # fmt: skip
+    monkeypatch.setattr(mod, "use_kernel", lambda op, *ts: True)
+    monkeypatch.setattr(mod, "load_extension", lambda op: _TileKernelStandIn())
+    got = _loss_and_grads(softcap_ce_fused, h, w, labels, grad, cap=cap, vocab_size=45,
+                          token_chunk=8, vocab_chunk=7)  # fmt: skip
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 dlogits before the matmuls
+    for name, a, b in zip(("loss", "dh", "dw"), got, want):
+        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item()), name
+
+
 # --- vocab-parallel on gloo -------------------------------------------------------------------
 WORLD = 4
 
