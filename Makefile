@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmcap-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo venv clean
+.PHONY: test test-fast check-kernels demo venv clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,18 @@ $(STAMP): requirements-cpu.txt setup.py
 		--no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) check-kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Compile every csrc/<op>/*.cu for sm_80 and sm_90 with the pip CUDA toolkit (no GPU needed;
+# ~20 s on 2 cores, KERNELS.md). A kernel that does not compile, or spills, fails `make test`.
+KERNEL_STAMP := $(VENV)/.mmcap-cuda-toolkit
+$(KERNEL_STAMP): requirements-kernels.txt $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-kernels.txt
+	touch $(KERNEL_STAMP)
+
+check-kernels: $(KERNEL_STAMP)
+	$(PY) tools/check_kernels_compile.py
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

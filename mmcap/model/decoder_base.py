@@ -3,7 +3,8 @@
 A decoder stage owns: the token embedding (first pipeline stage, ``pre_process``), its slice of
 the layers (``layer_range``, global indices), and the head (last stage, ``post_process``):
 optional final norm, tied vocab-parallel LM head, optional final-logit soft-cap, masking of the
-TP vocabulary padding, and megatron-core's vocab-parallel cross-entropy. The tied embedding is
+TP vocabulary padding (logits out), or with labels the fused vocab-parallel soft-capped
+cross-entropy of mmcap.ops.softcap_ce (per-token loss out, no full logits). The tied embedding is
 kept in sync between first and last stage by LanguageModule. Subclasses (Gemma-2, BART)
 provide the embedding, the layers and the final norm.
 
@@ -25,7 +26,9 @@ from torch import nn
 from mmcap.config import IGNORE_INDEX, DecoderConfig
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.sharded import stack_sharded_state_dict
+from mmcap.ops.softcap_ce import softcap_ce
 
+__all__ = ["IGNORE_INDEX", "DecoderLanguageModel"]
 
 
 class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
@@ -173,16 +176,43 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
             if self.share_embeddings_and_output_weights
             else None
         )
+        if labels is not None:
+            return self._head_loss(hidden, labels, weight)
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V_pad / tp]
         cap = self.decoder_config.final_logit_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        logits = self._mask_vocab_padding(logits)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        ignore = labels == IGNORE_INDEX
-        loss = self.compute_language_model_loss(labels.masked_fill(ignore, 0), logits)
-        return loss.masked_fill(ignore, 0.0)
+        return self._mask_vocab_padding(logits).transpose(0, 1).contiguous()
+
+    def _head_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] (float32, 0 where ignored) of the LM head + final soft-cap +
+        vocab-parallel CE, fused (mmcap.ops.softcap_ce: CUDA kernels when built, its plain-torch
+        reference else); the logits are never materialised whole. The input mapping is
+        output_layer's own (its backward reduces dh over TP); mmcap uses neither gradient-
+        accumulation fusion nor overlapped param gathers, which output_layer would handle."""
+        layer = self.output_layer
+        if layer.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=True, group=self.tp_group
+            )
+        elif layer.allreduce_dgrad:  # identity; backward all-reduces dh
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(
+                hidden, group=self.tp_group
+            )
+        weight = layer.weight if weight is None else weight  # [V_pad / tp, h]
+        s, b, h = hidden.shape
+        loss = softcap_ce(
+            hidden.reshape(s * b, h),
+            weight,
+            labels.t().reshape(s * b),  # [b, s] -> the [s, b] token order of hidden
+            cap=self.decoder_config.final_logit_softcap,
+            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
+            vocab_size=self.vocab_size,
+            tp_group=self.tp_group,
+        )
+        return loss.view(s, b).t().contiguous()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Rows >= vocab_size exist only to make the vocabulary divisible by TP: give them

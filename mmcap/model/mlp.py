@@ -16,6 +16,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mmcap.ops.geglu import geglu
 from mmcap.parallel.rng import tp_region_rng
 
 ACTIVATIONS = {
@@ -52,6 +53,7 @@ class MLP(MegatronModule):
             )
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.act = ACTIVATIONS[activation]
+        self.activation = activation
         self.gated = gated
         self.activation_dropout = activation_dropout
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
@@ -77,7 +79,9 @@ class MLP(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
-        if self.gated:
+        if self.gated and self.activation == "gelu_tanh":
+            h = geglu(h)  # [gate_r ; up_r] -> CUDA kernel when built, else geglu_ref
+        elif self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:

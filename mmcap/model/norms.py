@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmcap.ops.rmsnorm import rmsnorm
+
 
 class GemmaRMSNorm(nn.Module):
     """RMSNorm with (1 + weight) scaling, as transformers' Gemma2RMSNorm.
@@ -38,10 +40,9 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics and scale, cast back last (HF: "(x * w).to(dtype) differs from
-        # x.to(dtype) * w" — Gemma multiplies in float32 before the cast).
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        # x.to(dtype) * w" — Gemma multiplies in float32 before the cast). CUDA kernel when
+        # built (csrc/rmsnorm/), else rmsnorm_ref: the same formula in plain torch.
+        return rmsnorm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
