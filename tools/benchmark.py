@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-model", default=None, choices=["2b", "9b", "tiny"],
                    help="attention shapes (default: 2b on CUDA, tiny elsewhere)")
     p.add_argument("--attention-batch", type=int, default=None)
+    p.add_argument("--attention-backends", nargs="+", default=None,
+                   help="back-ends to time (default: every one usable on CUDA; math on CPU, "
+                        "where flex compiles slowly and has no backward)")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -61,7 +64,8 @@ def _attention_main(args) -> int:
     batch = args.attention_batch or (8 if cuda else 1)
     encoder = args.prompt_tokens + (50 if model != "tiny" else 8)  # 224 px image tokens
     cases = attention_cases(model, batch, args.target_tokens, encoder)
-    rows = run_attention_benchmark(cases, "cuda" if cuda else "cpu", dtype)
+    backends = args.attention_backends or (None if cuda else ["math"])
+    rows = run_attention_benchmark(cases, "cuda" if cuda else "cpu", dtype, backends=backends)
     print(attention_table(rows))
     if args.json:
         write_json(args.json, {"environment": environment(), "attention": rows})

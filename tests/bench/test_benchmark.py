@@ -136,3 +136,13 @@ def test_official_style_model_is_eager_train_mode_with_frozen_tower():
     assert model.model.vision_tower.training  # frozen, but left in train mode (official)
     frozen = {n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"vision_tower", "multi_modal_projector"}  # Florence: all else trains
+
+
+def test_attention_only_cli(world1, tmp_path):
+    out = tmp_path / "att.json"
+    (code, text), = _bench(world1, ["--attention-only", "--target-tokens", "8", "--json", out])
+    assert code == 0, text
+    rows = json.loads(out.read_text())["attention"]
+    assert {r["backend"] for r in rows} == {"math"}  # CPU default: math only
+    assert len(rows) == 4 and all(r["tflops"] > 0 for r in rows)
+    assert "fwd+bwd ms" in text
