@@ -17,7 +17,7 @@ pytestmark = [
 ]
 
 
-def _qkv(s_q, s_k, g):
+def _qkv(s_q: int, s_k: int, g: torch.Generator):
     def t(s, h):
         return torch.randn(1, s, h, 16, generator=g)
 
@@ -30,15 +30,20 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("kind", ["causal_softcap", "cross_padding"])
-def test_new_lengths_do_not_recompile(kind):
+@pytest.mark.parametrize(
+    "kind, lengths",
+    [
+        # three lengths in the first bucket (<= 128), then one in the second (129..256)
+        ("causal_softcap", [(16, 16), (40, 40), (72, 72), (136, 136)]),
+        ("cross_padding", [(16, 24), (40, 56)]),
+    ],
+)
+def test_new_lengths_do_not_recompile(kind, lengths):
     torch._dynamo.reset()
     flex._compiled_flex_attention.cache_clear()
     g = torch.Generator().manual_seed(0)
     counts = []
-    for s_q, s_k in [(16, 24), (40, 56), (72, 40)]:
-        if kind == "causal_softcap":
-            s_k = s_q
+    for s_q, s_k in lengths:
         q, k, v = _qkv(s_q, s_k, g)
         mask = None
         if kind == "cross_padding":
@@ -54,5 +59,8 @@ def test_new_lengths_do_not_recompile(kind):
         # fp32 on CPU: both compute softmax in fp32; 1e-5 covers summation-order differences.
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         counts.append(_graphs())
-    # One graph for the first lengths; the two later lengths add none.
-    assert counts[0] >= 1 and counts[1] == counts[0] and counts[2] == counts[0], counts
+    buckets = [(flex.bucket_length(s_q), flex.bucket_length(s_k)) for s_q, s_k in lengths]
+    # One graph per bucket: new lengths inside a bucket add none (the old un-bucketed
+    # torch.compile gave [1, 2, 2]: a recompile for the second length).
+    expected = [counts[0] + len(set(buckets[: i + 1])) - 1 for i in range(len(lengths))]
+    assert counts[0] >= 1 and counts == expected, (counts, buckets)
