@@ -115,8 +115,9 @@ class PhaseTimer:
             h.append(first.register_forward_pre_hook(self._end("decoder.embedding", dec)))
             h.append(first.register_forward_pre_hook(self._begin("decoder.layers")))
             h.append(last.register_forward_hook(self._end("decoder.layers", first)))
-            h.append(last.register_forward_hook(self._begin_on_output("loss", dec)))
-            h.append(dec.register_forward_hook(self._end("loss")))
+            if getattr(dec, "post_process", True):  # the last stage computes the loss
+                h.append(last.register_forward_hook(self._begin_on_output("loss", dec)))
+                h.append(dec.register_forward_hook(self._end("loss")))
 
     def _begin_on_output(self, key: str, owner: torch.nn.Module):
         def hook(module, args, output):
