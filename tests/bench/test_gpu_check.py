@@ -27,7 +27,9 @@ def test_dry_run_lists_every_stage(tmp_path):
         "gpu-tests", "train-large", "train-xlarge", "attention-2b", "attention-9b", "decode", "collect",
     ]
     text = res.stdout
-    assert "-m gpu" in text
+    gpu = next(l for l in lines if "(gpu-tests," in l)
+    assert "-m gpu" in gpu and "tests/ops/test_attention.py" in gpu  # files with the marker
+    assert "tests/bench/" not in gpu
     large = next(l for l in lines if "(train-large," in l)
     for flag in ("--preset florence-gemma-2-large", "--image-size 224", "--prompt-tokens 128",
                  "--target-tokens 128", "--precision bf16", "--compare hf", "train_large.json"):
