@@ -36,16 +36,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: by GPU name)")
-    p.add_argument("--compare", choices=["hf"], default=None,
-                   help="also time the official-style HF model (world size 1) and print the ratio")
-    p.add_argument("--attention-only", action="store_true",
-                   help="time the attention back-ends on the Gemma-2 attention shapes instead")
-    p.add_argument("--attention-model", default=None, choices=["2b", "9b", "tiny"],
-                   help="attention shapes (default: 2b on CUDA, tiny elsewhere)")
+    p.add_argument(
+        "--compare",
+        choices=["hf"],
+        default=None,
+        help="also time the official-style HF model (world size 1) and print the ratio",
+    )
+    p.add_argument(
+        "--attention-only",
+        action="store_true",
+        help="time the attention back-ends on the Gemma-2 attention shapes instead",
+    )
+    p.add_argument(
+        "--attention-model",
+        default=None,
+        choices=["2b", "9b", "tiny"],
+        help="attention shapes (default: 2b on CUDA, tiny elsewhere)",
+    )
     p.add_argument("--attention-batch", type=int, default=None)
-    p.add_argument("--attention-backends", nargs="+", default=None,
-                   help="back-ends to time (default: every one usable on CUDA; math on CPU, "
-                        "where flex compiles slowly and has no backward)")
+    p.add_argument(
+        "--attention-backends",
+        nargs="+",
+        default=None,
+        help="back-ends to time (default: every one usable on CUDA; math on CPU, "
+        "where flex compiles slowly and has no backward)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -74,7 +89,9 @@ def _attention_main(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not")
+    warnings.filterwarnings(
+        "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not"
+    )
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if not logging.getLogger().handlers:
@@ -109,8 +126,10 @@ def main(argv=None) -> int:
         init_process_group()
         check_layout(b)
         if args.compare and dist.get_world_size() != 1:
-            raise ConfigError("--compare hf: the official-style model runs in one process; "
-                              "launch without torchrun (world size 1)")
+            raise ConfigError(
+                "--compare hf: the official-style model runs in one process; "
+                "launch without torchrun (world size 1)"
+            )
         results = [run_mmcap_benchmark(b)]
     except ConfigError as e:
         print(f"benchmark: configuration error: {e}", file=sys.stderr)
@@ -126,9 +145,11 @@ def main(argv=None) -> int:
         )
     rank_last = dist.get_rank() == dist.get_world_size() - 1
     if rank_last:
-        print(f"{args.preset}: {results[0]['image_size']} px, prompt {b.prompt_tokens} / target "
-              f"{b.target_tokens} tokens, {b.precision}, layout {results[0]['layout']}, "
-              f"global batch {results[0]['global_batch_size']}, {b.steps} timed steps")
+        print(
+            f"{args.preset}: {results[0]['image_size']} px, prompt {b.prompt_tokens} / target "
+            f"{b.target_tokens} tokens, {b.precision}, layout {results[0]['layout']}, "
+            f"global batch {results[0]['global_batch_size']}, {b.steps} timed steps"
+        )
         print(throughput_table(results))
         if args.json:
             payload = {"environment": environment(), "config": b.__dict__, "results": results}

@@ -12,6 +12,7 @@ gradients each, :mod:`mmcap.train.flops`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -60,10 +61,33 @@ def attention_cases(model: str, batch: int, target: int, encoder: int) -> list[A
     window = 4096 if model != "tiny" else max(target // 2, 1)
     pad = encoder // 8
     return [
-        AttentionCase(f"{model} self sliding", batch, target, target, heads, kv, dim, True, 50.0, window),
+        AttentionCase(
+            f"{model} self sliding", batch, target, target, heads, kv, dim, True, 50.0, window
+        ),
         AttentionCase(f"{model} self global", batch, target, target, heads, kv, dim, True, 50.0),
-        AttentionCase(f"{model} cross (enc pad)", batch, target, encoder, heads, kv, dim, False, None, None, pad),
-        AttentionCase("bart encoder self", batch, encoder, encoder, 16 if model != "tiny" else 4, 16 if model != "tiny" else 4, 64 if model != "tiny" else 16, False),
+        AttentionCase(
+            f"{model} cross (enc pad)",
+            batch,
+            target,
+            encoder,
+            heads,
+            kv,
+            dim,
+            False,
+            None,
+            None,
+            pad,
+        ),
+        AttentionCase(
+            "bart encoder self",
+            batch,
+            encoder,
+            encoder,
+            16 if model != "tiny" else 4,
+            16 if model != "tiny" else 4,
+            64 if model != "tiny" else 16,
+            False,
+        ),
     ]
 
 
@@ -97,6 +121,36 @@ def _time(fn, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _time_backend(row: dict, case: AttentionCase, name: str, feats: dict, device, dtype, iters):
+    """Fill ``row`` with the forward (and, where the back-end has one, forward+backward) time
+    and TFLOP/s of ``case`` on back-end ``name``."""
+    from mmcap.ops.attention import registry
+
+    q, k, v, mask = _inputs(case, device, dtype, grad=False)
+    registry.select_backend(q, k, v, kv_padding_mask=mask, backend=name, **feats)
+    call = functools.partial(
+        registry.attention,
+        softmax_scale=case.head_dim**-0.5,
+        kv_padding_mask=mask,
+        backend=name,
+        **feats,
+    )
+    with torch.no_grad():
+        row["fwd_ms"] = _time(lambda: call(q, k, v), iters) * 1e3
+    flops = case.forward_flops()
+    row["tflops_fwd"] = flops / (row["fwd_ms"] / 1e3) / 1e12
+    qg, kg, vg, _ = _inputs(case, device, dtype, grad=True)
+    ok, why = registry.BACKENDS[name].supports(
+        qg, kg, vg, kv_padding_mask=mask, dropout_p=0.0, **feats
+    )
+    if not ok:
+        row["note"] = f"forward only: {why}"
+        row["tflops"] = row["tflops_fwd"]
+        return
+    row["fwd_bwd_ms"] = _time(lambda: call(qg, kg, vg).sum().backward(), iters) * 1e3
+    row["tflops"] = 3 * flops / (row["fwd_bwd_ms"] / 1e3) / 1e12
+
+
 def run_attention_benchmark(
     cases: list[AttentionCase], device, dtype: torch.dtype, iters: int = 5, backends=None
 ) -> list[dict]:
@@ -107,40 +161,11 @@ def run_attention_benchmark(
     names = backends or registry.available_backends(device)
     rows = []
     for case in cases:
-        feats = dict(causal=case.causal, softcap=case.softcap, window=case.window)
+        feats = {"causal": case.causal, "softcap": case.softcap, "window": case.window}
         for name in names:
             row = {"shape": case.name, "backend": name, "case": case.__dict__}
             try:
-                q, k, v, mask = _inputs(case, device, dtype, grad=False)
-                registry.select_backend(q, k, v, kv_padding_mask=mask, backend=name, **feats)
-
-                def fwd():
-                    return registry.attention(
-                        q, k, v, softmax_scale=case.head_dim**-0.5, kv_padding_mask=mask, backend=name, **feats
-                    )
-
-                with torch.no_grad():
-                    row["fwd_ms"] = _time(fwd, iters) * 1e3
-                flops = case.forward_flops()
-                row["tflops_fwd"] = flops / (row["fwd_ms"] / 1e3) / 1e12
-                qg, kg, vg, _ = _inputs(case, device, dtype, grad=True)
-                ok, why = registry.BACKENDS[name].supports(
-                    qg, kg, vg, kv_padding_mask=mask, dropout_p=0.0, **feats
-                )
-                if not ok:
-                    row["note"] = f"forward only: {why}"
-                    row["tflops"] = row["tflops_fwd"]
-                    rows.append(row)
-                    continue
-
-                def fwd_bwd():
-                    out = registry.attention(
-                        qg, kg, vg, softmax_scale=case.head_dim**-0.5, kv_padding_mask=mask, backend=name, **feats
-                    )
-                    out.sum().backward()
-
-                row["fwd_bwd_ms"] = _time(fwd_bwd, iters) * 1e3
-                row["tflops"] = 3 * flops / (row["fwd_bwd_ms"] / 1e3) / 1e12
+                _time_backend(row, case, name, feats, device, dtype, iters)
             except (RuntimeError, ValueError) as e:
                 row["note"] = f"cannot run: {str(e).splitlines()[0][:120]}"
             rows.append(row)

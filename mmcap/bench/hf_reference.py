@@ -79,7 +79,9 @@ def _hf_batches(model, model_cfg, b: BenchConfig, n: int, device, seed: int):
             dict(
                 input_ids=ids.to(device),
                 attention_mask=torch.ones_like(ids).to(device),
-                pixel_values=torch.randn(mbs, 3, size, size, generator=g).to(device, dtype=model.dtype),
+                pixel_values=torch.randn(mbs, 3, size, size, generator=g).to(
+                    device, dtype=model.dtype
+                ),
                 decoder_input_ids=dec.to(device),
                 labels=labels.to(device),
             )
@@ -152,7 +154,4 @@ def run_hf_benchmark(b: BenchConfig, model_cfg, num_microbatches: int, peak: flo
         trainable_params=sum(p.numel() for p in params),
         total_params=sum(p.numel() for p in model.parameters()),
     )
-    del model, opt, batches
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    return result  # the model and optimizer are freed with this frame

@@ -21,7 +21,10 @@ def environment() -> dict:
     repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
@@ -60,7 +63,9 @@ def throughput_table(results: list[dict]) -> str:
     width = max(12, *(len(n) for n in names))
     lines = [f"{'':28s}" + "".join(f"{n:>{width + 2}s}" for n in names)]
     for label, key, spec in rows:
-        lines.append(f"{label:28s}" + "".join(f"{_fmt(r.get(key), spec):>{width + 2}s}" for r in results))
+        lines.append(
+            f"{label:28s}" + "".join(f"{_fmt(r.get(key), spec):>{width + 2}s}" for r in results)
+        )
     phased = [r for r in results if "phases_s" in r]
     if phased:
         lines.append("phases of the step (s, max over ranks; forward for model parts):")

@@ -118,9 +118,13 @@ def synthetic_microbatches(model_cfg, b: BenchConfig, n: int, device, seed: int)
     for _ in range(n):
         out.append(
             MicroBatch(
-                prompt_ids=torch.randint(3, enc_vocab, (mbs, b.prompt_tokens), generator=g).to(device),
+                prompt_ids=torch.randint(3, enc_vocab, (mbs, b.prompt_tokens), generator=g).to(
+                    device
+                ),
                 prompt_mask=torch.ones(mbs, b.prompt_tokens, dtype=torch.bool, device=device),
-                decoder_input_ids=torch.randint(3, dec_vocab, (mbs, b.target_tokens), generator=g).to(device),
+                decoder_input_ids=torch.randint(
+                    3, dec_vocab, (mbs, b.target_tokens), generator=g
+                ).to(device),
                 labels=torch.randint(3, dec_vocab, (mbs, b.target_tokens), generator=g).to(device),
                 pixel_values=torch.randn(mbs, 3, size, size, generator=g).to(device),
                 num_image_tokens=model_cfg.vision.num_image_tokens,
@@ -190,7 +194,9 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     from mmcap.train.flops import batch_step_flops, peak_tflops
     from mmcap.train.step import build_optimizer, train_step, wrap_model
 
-    initialize_model_parallel(ParallelConfig(tensor_parallel=b.tp, pipeline_parallel=b.pp), seed=b.seed)
+    initialize_model_parallel(
+        ParallelConfig(tensor_parallel=b.tp, pipeline_parallel=b.pp), seed=b.seed
+    )
     world = dist.get_world_size()
     dp = parallel_state.get_data_parallel_world_size()
     cfg = build_bench_train_config(b, dp)
@@ -266,11 +272,8 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
         trainable_params=sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad),
         total_params=sum(p.numel() for c in chunks for p in c.parameters()),
     )
-    del ddp, optimizer, scheduler, chunks, mbs
     parallel_state.destroy_model_parallel()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    return result  # the model and optimizer are freed with this frame
 
 
 def check_layout(b: BenchConfig) -> None:

@@ -28,7 +28,7 @@ def test_rows_for_the_math_backend():
     cases = attention_cases("tiny", batch=1, target=8, encoder=12)
     rows = run_attention_benchmark(cases, "cpu", torch.float32, iters=1, backends=["math"])
     assert [r["shape"] for r in rows] == [c.name for c in cases]
-    for r, c in zip(rows, cases):
+    for r, c in zip(rows, cases, strict=True):
         assert r["backend"] == "math" and "note" not in r, r
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert r["tflops"] == pytest.approx(3 * c.forward_flops() / (r["fwd_bwd_ms"] / 1e3) / 1e12)

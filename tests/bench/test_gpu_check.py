@@ -19,24 +19,38 @@ def test_script_parses():
 def test_dry_run_lists_every_stage(tmp_path):
     res = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    lines = [l for l in res.stdout.splitlines() if l.startswith("[dry-run]")]
-    stages = [l.split("(")[1].split(",")[0] for l in lines]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("[dry-run]")]
+    stages = [line.split("(")[1].split(",")[0] for line in lines]
     assert [s for s in stages if s not in ("wheels", "csrc")] == [
-        "gpu-tests", "train-large", "train-xlarge", "attention-2b", "attention-9b", "decode", "collect",
+        "gpu-tests",
+        "train-large",
+        "train-xlarge",
+        "attention-2b",
+        "attention-9b",
+        "decode",
+        "collect",
     ]
-    text = res.stdout
-    gpu = next(l for l in lines if "(gpu-tests," in l)
+    gpu = next(line for line in lines if "(gpu-tests," in line)
     assert "-m gpu" in gpu and "tests/ops/test_attention.py" in gpu  # files with the marker
     assert "tests/bench/" not in gpu
-    large = next(l for l in lines if "(train-large," in l)
-    for flag in ("--preset florence-gemma-2-large", "--image-size 224", "--prompt-tokens 128",
-                 "--target-tokens 128", "--precision bf16", "--compare hf", "train_large.json"):
+    large = next(line for line in lines if "(train-large," in line)
+    for flag in (
+        "--preset florence-gemma-2-large",
+        "--image-size 224",
+        "--prompt-tokens 128",
+        "--target-tokens 128",
+        "--precision bf16",
+        "--compare hf",
+        "train_large.json",
+    ):
         assert flag in large, flag
-    assert "florence-gemma-2-xlarge" in next(l for l in lines if "(train-xlarge," in l)
+    assert "florence-gemma-2-xlarge" in next(line for line in lines if "(train-xlarge," in line)
     # The stage limits add up to the 8 minutes the check may take (+ a csrc/ build if any).
-    limits = [int(l.split(", ")[1].split("s)")[0]) for l in lines if "(csrc," not in l]
+    limits = [int(line.split(", ")[1].split("s)")[0]) for line in lines if "(csrc," not in line]
     assert sum(limits) <= 8 * 60, limits
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
