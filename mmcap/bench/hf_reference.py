@@ -106,17 +106,17 @@ def run_hf_benchmark(b: BenchConfig, model_cfg, num_microbatches: int, peak: flo
     scaler = torch.amp.GradScaler(enabled=b.precision == "fp16")
 
     def step() -> float:
-        total = 0.0
+        total = torch.zeros((), device=device)
         for mb in batches:
             loss = model(**mb).loss / num_microbatches  # mean CE over the micro-batch's tokens
             scaler.scale(loss).backward()
-            total += loss.item()  # the official loop logs the loss every step
+            total += loss.detach()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return total
+        return total.item()  # one host sync per step, as mmcap's train_step
 
     losses = [step() for _ in range(b.warmup)]
     if torch.cuda.is_available():
