@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmcap-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast check-kernels demo venv clean
+.PHONY: test test-fast check-kernels demo venv clean bench gpu-wheels gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,30 @@ test-fast: $(STAMP)
 DEMO_OUT ?= demo_out
 demo: $(STAMP)
 	$(PY) tools/demo.py --out $(DEMO_OUT) --fresh
+
+# Training throughput on synthetic data (CPU: the debug preset; shape only, see README).
+bench: $(STAMP)
+	$(PY) tools/benchmark.py --preset debug-gemma --steps 3 --compare hf
+
+# Wheels the GPU machine lacks (shared/design/GPU.md), for Python 3.12 manylinux x86-64, into
+# .whl/ (git-ignored; carried to the GPU machine): megatron-core and the small pure-Python
+# packages the tests and the trainer import. Needs network (or a warm pip cache).
+GPU_WHEELS ?= megatron-core==0.16.1 pytest==9.2.0 pluggy==1.6.0 iniconfig==2.1.0 \
+	pytest-timeout==2.4.0 pygments==2.19.2 packaging==25.0 pyyaml==6.0.3 psutil==7.2.2
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+	du -sh .whl
+
+# The one-call GPU check (on the GPU machine: its own python3 with CUDA torch, not this venv):
+# wheels from .whl/, csrc/ build, `pytest -m gpu`, training / attention / decode benchmarks,
+# all output under $$OUT (or GPU_CHECK_OUT) within ~8 minutes.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu_check_out)
+gpu-check:
+	bash tools/gpu_check.sh --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

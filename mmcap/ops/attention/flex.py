@@ -1,4 +1,6 @@
-"""The `flex` attention back-end: torch's FlexAttention, compiled once per process.
+"""The `flex` attention back-end: torch's FlexAttention, compiled once per process and length
+bucket (sequence lengths padded up to a multiple of 128, padded keys masked; block masks cached
+per shape), so training steps with new lengths do not recompile.
 
 Softcap is a `score_mod` (tanh), causal / sliding window / kv padding are a `BlockMask` built
 from `AttnMaskSpec.allows`, so the mask semantics are the reference's, not a re-reading of
@@ -62,11 +64,26 @@ def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) ->
     return True, ""
 
 
+# Sequence lengths are padded up to a multiple of flex_attention's default block size (128):
+# every length of a bucket reuses one static compiled graph and one cached block mask, so a
+# step whose batch pads to new lengths does not recompile (tests/ops/test_flex_compile.py
+# counts dynamo's graphs). Padded keys are masked and wholly masked key blocks are skipped, so
+# the padding costs no attention work beyond the partly filled last block flex computes anyway.
+BUCKET = 128
+
+
+def bucket_length(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`BUCKET`."""
+    return -(-n // BUCKET) * BUCKET
+
+
 @functools.cache
 def _compiled_flex_attention():
-    # One compiled callable per process; torch.compile's own cache handles new shapes.
+    # One compiled callable per process; dynamic=False: shapes are bucketed (one static graph
+    # per bucket, score_mod and mask kind; dynamo's automatic dynamic shapes are not needed, and
+    # inductor's CPU lowering of symbolic flex shapes fails in torch 2.13).
     # Uncompiled flex_attention materialises full score matrices and warns; never use it.
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
@@ -81,12 +98,16 @@ def _softcap_score_mod(softcap: float):
 
 @functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
 def _static_block_mask(
-    s_q: int, s_k: int, causal: bool, window: int | None, device: str
+    s_q: int, s_k: int, real_k: int, causal: bool, window: int | None, device: str
 ) -> "BlockMask":
+    """Block mask of bucketed lengths ``s_q`` x ``s_k`` whose keys from ``real_k`` on are
+    padding (cached per shape)."""
     spec = AttnMaskSpec(causal=causal, window=window)
+    # A tensor, not a Python int: dynamo would specialise (and recompile) on a closed-over int.
+    limit = torch.tensor(real_k, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return spec.allows(q_idx, kv_idx)
+        return spec.allows(q_idx, kv_idx) & (kv_idx < limit)
 
     return create_block_mask(mask_mod, None, None, s_q, s_k, device=device)
 
@@ -95,19 +116,26 @@ def _block_mask(
     spec: AttnMaskSpec,
     s_q: int,
     s_k: int,
+    real_k: int,
     device: torch.device,
     kv_padding_mask: torch.Tensor | None,
-) -> "BlockMask | None":
+) -> "BlockMask":
     if kv_padding_mask is None:
-        if spec.is_full:
-            return None
-        return _static_block_mask(s_q, s_k, spec.causal, spec.window, str(device))
+        return _static_block_mask(s_q, s_k, real_k, spec.causal, spec.window, str(device))
+    # Padding differs per batch: build per call (B = batch, H broadcast), on bucketed keys.
+    pad = torch.nn.functional.pad(kv_padding_mask.bool(), (0, s_k - real_k), value=False)
 
-    # Padding differs per batch: build per call (B = batch, H broadcast).
     def mask_mod(b, h, q_idx, kv_idx):
-        return spec.allows(q_idx, kv_idx) & kv_padding_mask[b, kv_idx]
+        return spec.allows(q_idx, kv_idx) & pad[b, kv_idx]
 
-    return create_block_mask(mask_mod, kv_padding_mask.shape[0], None, s_q, s_k, device=device)
+    return create_block_mask(mask_mod, pad.shape[0], None, s_q, s_k, device=device)
+
+
+def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, s, h, d] -> [b, length, h, d] with zero rows at the end (no copy if s == length)."""
+    if x.shape[1] == length:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
 
 
 def flex_forward(
@@ -144,15 +172,17 @@ def flex_forward(
     if dropout_p > 0.0:
         raise ValueError("flex back-end has no attention dropout; use backend='math'")
     spec = AttnMaskSpec(causal=causal, window=window)
-    block_mask = _block_mask(spec, q.shape[1], k.shape[1], q.device, kv_padding_mask)
+    s_q, s_k = q.shape[1], k.shape[1]
+    bq, bk = bucket_length(s_q), bucket_length(s_k)
+    block_mask = _block_mask(spec, bq, bk, s_k, q.device, kv_padding_mask)
     score_mod = None if softcap is None else _softcap_score_mod(float(softcap))
     out = _compiled_flex_attention()(
-        q.transpose(1, 2),  # [b, h_q, s_q, d]
-        k.transpose(1, 2),  # [b, h_kv, s_k, d]
-        v.transpose(1, 2),
+        _pad_seq(q, bq).transpose(1, 2),  # [b, h_q, bq, d]
+        _pad_seq(k, bk).transpose(1, 2),  # [b, h_kv, bk, d]
+        _pad_seq(v, bk).transpose(1, 2),
         score_mod=score_mod,
         block_mask=block_mask,
         scale=softmax_scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
-    return out.transpose(1, 2)  # [b, s_q, h_q, d]
+    return out.transpose(1, 2)[:, :s_q]  # [b, s_q, h_q, d]

@@ -1,0 +1,78 @@
+"""What CPU can check of the one-call GPU check: the script parses (bash -n), its dry run lists
+every stage with the issue's benchmark settings, bad arguments fail with a message, and the
+results collector merges the JSON files into <date>-<device>.json."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tools" / "gpu_check.sh"
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_dry_run_lists_every_stage(tmp_path):
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line for line in res.stdout.splitlines() if line.startswith("[dry-run]")]
+    stages = [line.split("(")[1].split(",")[0] for line in lines]
+    assert [s for s in stages if s not in ("wheels", "csrc")] == [
+        "gpu-tests",
+        "train-large",
+        "train-xlarge",
+        "attention-2b",
+        "attention-9b",
+        "decode",
+        "collect",
+    ]
+    gpu = next(line for line in lines if "(gpu-tests," in line)
+    assert "-m gpu" in gpu and "tests/ops/test_attention.py" in gpu  # files with the marker
+    assert "tests/bench/" not in gpu
+    large = next(line for line in lines if "(train-large," in line)
+    for flag in (
+        "--preset florence-gemma-2-large",
+        "--image-size 224",
+        "--prompt-tokens 128",
+        "--target-tokens 128",
+        "--precision bf16",
+        "--compare hf",
+        "train_large.json",
+    ):
+        assert flag in large, flag
+    assert "florence-gemma-2-xlarge" in next(line for line in lines if "(train-xlarge," in line)
+    # The stage limits add up to the 8 minutes the check may take (+ a csrc/ build if any).
+    limits = [int(line.split(", ")[1].split("s)")[0]) for line in lines if "(csrc," not in line]
+    assert sum(limits) <= 8 * 60, limits
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_unknown_argument_fails():
+    res = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown argument '--bogus'" in res.stderr
+
+
+def test_collect_merges_and_names_the_file(tmp_path):
+    from mmcap.bench.collect import collect, results_name
+
+    (tmp_path / "train_large.json").write_text(json.dumps({"results": [1]}))
+    (tmp_path / "attention_2b.json").write_text(json.dumps({"attention": []}))
+    path = collect(tmp_path)
+    merged = json.loads(path.read_text())
+    assert set(merged["parts"]) == {"train_large", "attention_2b"}
+    assert path.name == results_name(merged["environment"])
+    assert results_name({"date_utc": "2026-11-29T22:00:00+00:00", "device": "NVIDIA H200"}) == (
+        "2026-11-29-nvidia-h200.json"
+    )
+    assert collect(tmp_path) == path  # a second run does not swallow its own output
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        collect(tmp_path)

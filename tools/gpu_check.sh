@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one-call GPU check (`make gpu-check`; shared/design/GPU.md): on a bare machine with CUDA
+# torch (python3) and NONE of mmcap's CPU venv, install the wheels carried in .whl/ (made here by
+# `make gpu-wheels`), build csrc/ if it holds extensions, run the gpu-marked tests, then the
+# training benchmark (florence-gemma-2-large, 224 px, 128/128 tokens, mmcap vs --compare hf;
+# florence-gemma-2-xlarge on one GPU), the attention back-ends (Gemma-2 2B / 9B shapes) and the
+# image-decode benchmark. Every table and JSON goes to the output folder; each stage has a time
+# limit: together at most 8 minutes, plus up to 2 minutes for a csrc/ build when it has sources.
+#
+#   tools/gpu_check.sh [--dry-run] [--out DIR]      (DIR defaults to $OUT, else gpu_check_out)
+#
+# --dry-run prints the commands without running them (tests/bench/test_gpu_check.py runs it).
+# Keep the measured results: copy DIR/<date>-<device>.json to benchmarks/results/ and commit it.
+set -uo pipefail
+
+DRY=0
+OUT_DIR="${OUT:-gpu_check_out}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) shift; OUT_DIR="${1:?--out needs a folder}" ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$1' (use --dry-run, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+SITE="${MMCAP_GPU_SITE:-/tmp/mmcap-site}"
+LOG="$OUT_DIR/gpu_check.log"
+FAILED=()
+
+run() {  # run NAME SECONDS CMD...: one stage under a time limit, output appended to the log
+  local name="$1" limit="$2"; shift 2
+  if [ "$DRY" = 1 ]; then
+    echo "[dry-run] ($name, ${limit}s) $*"
+    return 0
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
+}
+
+cd "$REPO" || exit 1
+[ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
+
+# 1. Carried wheels (megatron-core and the small pure-Python packages CUDA images lack).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  run wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$SITE" .whl/*.whl
+else
+  echo "gpu_check: no wheels in .whl/ (run 'make gpu-wheels' on a machine with network)" >&2
+  [ "$DRY" = 1 ] || FAILED+=("wheels (none carried)")
+fi
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# 2. csrc/ extensions, if any folder holds sources (never replaces the machine's torch: --no-deps).
+if compgen -G "csrc/*/*.cu" > /dev/null || compgen -G "csrc/*/*.cpp" > /dev/null; then
+  run csrc 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+
+# 3. GPU-marked tests: only the files that carry the marker are collected, so a test module
+#    importing a CPU-venv-only package (tensorboard, ...) cannot break the collection here.
+mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
+if [ ${#GPU_TEST_FILES[@]} -gt 0 ]; then
+  run gpu-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
+else
+  echo "gpu_check: no gpu-marked tests found" | tee -a "$LOG"
+fi
+
+# 4. Training benchmarks (the issue's targets: bf16, 224 px, 128/128 tokens).
+BENCH=("$PY" tools/benchmark.py --image-size 224 --prompt-tokens 128 --target-tokens 128
+       --precision bf16 --steps 5 --warmup 2)
+run train-large 110 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+  --num-microbatches 2 --compare hf --json "$OUT_DIR/train_large.json"
+run train-xlarge 90 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
+  --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
+
+# 5. Attention back-ends, Gemma-2 2B and 9B calls.
+run attention-2b 30 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
+  --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_2b.json"
+run attention-9b 30 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
+  --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_9b.json"
+
+# 6. Image decode (torchvision nvjpeg on the GPU; DALI only if installed).
+run decode 40 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
+
+# 7. One results file (<date>-<device>.json) for benchmarks/results/.
+run collect 15 "$PY" -m mmcap.bench.collect "$OUT_DIR"
+
+if [ "$DRY" = 1 ]; then exit 0; fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}" | tee -a "$LOG"
+  exit 1
+fi
+echo "gpu_check: all stages passed; results in $OUT_DIR" | tee -a "$LOG"
