@@ -50,7 +50,7 @@ cd "$REPO" || exit 1
 
 # 1. Carried wheels (megatron-core and the small pure-Python packages CUDA images lack).
 if compgen -G ".whl/*.whl" > /dev/null; then
-  run wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  run wheels 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target "$SITE" .whl/*.whl
 else
   echo "gpu_check: no wheels in .whl/ (run 'make gpu-wheels' on a machine with network)" >&2
@@ -68,27 +68,31 @@ fi
 #    importing a CPU-venv-only package (tensorboard, ...) cannot break the collection here.
 mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
 if [ ${#GPU_TEST_FILES[@]} -gt 0 ]; then
-  run gpu-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
+  run gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
 else
   echo "gpu_check: no gpu-marked tests found" | tee -a "$LOG"
 fi
 
+# 3b. Fused kernels vs the unfused torch path (torch.compile baselines skipped: compile time).
+run kernels-bench 50 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
+  --out "$OUT_DIR/kernels.json"
+
 # 4. Training benchmarks (the targets: bf16, 224 px, 128/128 tokens).
 BENCH=("$PY" tools/benchmark.py --image-size 224 --prompt-tokens 128 --target-tokens 128
        --precision bf16 --steps 5 --warmup 2)
-run train-large 110 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+run train-large 100 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
   --num-microbatches 2 --compare hf --json "$OUT_DIR/train_large.json"
-run train-xlarge 90 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
+run train-xlarge 70 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
   --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
 
 # 5. Attention back-ends, Gemma-2 2B and 9B calls.
-run attention-2b 30 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
+run attention-2b 20 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
   --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_2b.json"
-run attention-9b 30 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
+run attention-9b 20 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
   --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_9b.json"
 
 # 6. Image decode (torchvision nvjpeg on the GPU; DALI only if installed).
-run decode 40 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
+run decode 25 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
 
 # 7. One results file (<date>-<device>.json) for benchmarks/results/.
 run collect 15 "$PY" -m mmcap.bench.collect "$OUT_DIR"
