@@ -74,25 +74,32 @@ else
 fi
 
 # 3b. Fused kernels vs the unfused torch path (torch.compile baselines skipped: compile time).
-run kernels-bench 50 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
+run kernels-bench 30 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
   --out "$OUT_DIR/kernels.json"
 
 # 4. Training benchmarks (the targets: bf16, 224 px, 128/128 tokens).
 BENCH=("$PY" tools/benchmark.py --image-size 224 --prompt-tokens 128 --target-tokens 128
        --precision bf16 --steps 5 --warmup 2)
-run train-large 100 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+run train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
   --num-microbatches 2 --compare hf --json "$OUT_DIR/train_large.json"
-run train-xlarge 70 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
-  --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
+# The 11.2B model: its build alone took over 110 s on the H200 (2026-11-29: initialised on the
+# CPU, then moved), so it runs only with MMCAP_GPU_CHECK_XLARGE=1 and time to spare.
+if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
+  run train-xlarge 240 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
+    --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
+fi
 
 # 5. Attention back-ends, Gemma-2 2B and 9B calls.
-run attention-2b 20 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
+# (20 s per shape timed out on 2026-11-29: compile time; the 9B shape with the XLARGE switch)
+run attention-2b 60 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
   --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_2b.json"
-run attention-9b 20 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
-  --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_9b.json"
+if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
+  run attention-9b 60 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
+    --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_9b.json"
+fi
 
 # 6. Image decode (torchvision nvjpeg on the GPU; DALI only if installed).
-run decode 25 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
+run decode 45 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
 
 # 7. One results file (<date>-<device>.json) for benchmarks/results/.
 run collect 15 "$PY" -m mmcap.bench.collect "$OUT_DIR"
