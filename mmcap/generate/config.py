@@ -26,6 +26,8 @@ class GenerationConfig:
     forced_bos: force ``bos_token_id`` as the first generated token when the decoder prompt is
         just the start token (HF ``forced_bos_token_id``).
     forced_eos_token_id: forced at the last position allowed by ``max_new_tokens``, or None.
+    vocab_limit: ban token ids >= this (e.g. the tokenizer size: the decoder's 1,024 extra
+        rows have no text); None = no ban (official).
     use_cache: self-attention KV cache + cross-attention K/V computed once (False = recompute
         the whole decoder every step; same tokens, for tests and the speed comparison).
     """
@@ -41,6 +43,7 @@ class GenerationConfig:
     pad_token_id: int = 0
     forced_bos: bool = True
     forced_eos_token_id: int | None = 1
+    vocab_limit: int | None = None
     use_cache: bool = True
 
     def __post_init__(self) -> None:

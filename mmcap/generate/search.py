@@ -50,6 +50,8 @@ def process_scores(
         match = (windows[:, :, :-1] == suffix).all(-1)  # completing it would repeat an n-gram
         hits = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1], match.to(scores.dtype))
         scores = scores.masked_fill(hits > 0, float("-inf"))
+    if cfg.vocab_limit is not None:
+        scores[:, cfg.vocab_limit :] = float("-inf")
     if cfg.forced_bos and cur_len == 1:
         scores = _force(scores, slice(None), cfg.bos_token_id)
     if cfg.forced_eos_token_id is not None and cur_len == max_length - 1:
