@@ -91,6 +91,9 @@ def generate_group(
     [b, <= p + max_new_tokens] (prompt included; pad after EOS)."""
     if not (model.add_encoder and model.pre_process and model.post_process):
         raise ValueError("generation needs the whole model on one pipeline stage (PP=1)")
+    if model.config.sequence_parallel:
+        raise ValueError("generation decodes one position per step: build the model without "
+                         "sequence parallelism (ParallelConfig.sequence_parallel=False)")
     encoder_out, encoder_mask = model.encode(prompt_ids, prompt_mask, pixel_values, image_tokens)
     k = cfg.num_beams
     if k > 1:  # one encoder column per beam (beams of a sample adjacent)
