@@ -11,13 +11,13 @@ HF directory works with ``--image`` (one image per text, as Multi30K / CoMMuTE).
 import argparse
 import sys
 
-from tools.caption import add_generation_args
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from mmcap.generate.pipeline import add_generation_args
+
     add_generation_args(ap)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help="source sentences")

@@ -177,3 +177,20 @@ def generation_config(beams: int, max_new_tokens: int, text_rows_only: bool = Fa
         max_new_tokens=max_new_tokens,
         vocab_limit=TOKENIZER_SIZE if text_rows_only else None,
     )
+
+
+def add_generation_args(ap) -> None:
+    """The flags tools/caption.py and tools/translate.py share (an argparse parser)."""
+    ap.add_argument("--ckpt", required=True, help="mmcap checkpoint or exported HF directory")
+    ap.add_argument("--lang", required=True, choices=["en", "de", "fr", "es", "ru", "zh"])
+    ap.add_argument("--beams", type=int, default=4, help="1 = greedy (default 4, official)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=None, help="e.g. 768 (fine-tuning)")
+    ap.add_argument(
+        "--text-rows-only",
+        action="store_true",
+        help="never generate decoder rows past the Gemma tokenizer (the 1,024 untrained rows; "
+        "the official eval does not ban them)",
+    )
+    ap.add_argument("--bart-tokenizer", default=None, help="BART tokenizer dir (training ckpt)")
+    ap.add_argument("--gemma-tokenizer", default=None, help="Gemma tokenizer.model (training ckpt)")
