@@ -101,6 +101,10 @@ class AttentionSpec:
 
 
 class _AttentionBase(MegatronModule):
+    # Generation (:mod:`mmcap.generate.kv_cache`) attaches a per-layer cache here for the
+    # duration of a decode; None = ordinary full-sequence attention.
+    kv_cache = None
+
     def __init__(self, config: TransformerConfig, spec: AttentionSpec) -> None:
         super().__init__(config=config)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -194,6 +198,11 @@ class SelfAttention(_AttentionBase):
         k, v = k.reshape(s, b, g, d), v.reshape(s, b, g, d)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.kv_cache is not None:
+            # Decode step: one new query per sample attends every cached key (the cache holds
+            # only the window on sliding layers), so neither a causal mask nor a window applies.
+            k, v = self.kv_cache.append(k, v)
+            return self._attend(q, k, v, causal=False, window=None, kv_padding_mask=None)
         return self._attend(
             q, k, v, causal=self.causal, window=self.spec.window, kv_padding_mask=padding_mask
         )
@@ -234,7 +243,10 @@ class CrossAttention(_AttentionBase):
         """hidden [s(/tp), b, h]; encoder_out [s_enc, b, w] (full on every TP rank);
         encoder_mask bool [b, s_enc], True = real token. Returns [s(/tp), b, h]."""
         q, _ = self.linear_q(hidden)
-        kv, _ = self.linear_kv(encoder_out)
+        if self.kv_cache is not None:  # generation: k/v of the encoder output computed once
+            kv = self.kv_cache.cross_kv(lambda: self.linear_kv(encoder_out)[0])
+        else:
+            kv, _ = self.linear_kv(encoder_out)
         s, b = q.shape[:2]
         d = self.spec.head_dim
         q = q.view(s, b, self.heads_per_rank, d)

@@ -57,4 +57,4 @@ class FlorenceDecoder(DecoderLanguageModel):
         return None
 
     def embed(self, input_ids, position_ids):
-        return self.embedding(input_ids)
+        return self.embedding(input_ids, position_ids=position_ids)

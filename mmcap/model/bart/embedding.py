@@ -62,15 +62,23 @@ class BartEmbedding(MegatronModule):
         self.embed_scale = math.sqrt(hidden_size) if scale_embedding else 1.0
         self.dropout = dropout
 
-    def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [b, s], prefix [b, n, h] or None -> [(n + s)(/tp), b, h]."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [b, s], prefix [b, n, h] or None -> [(n + s)(/tp), b, h]. position_ids
+        [b, n + s] (default 0, 1, ...; a generation step passes its position)."""
         x = self.word_embeddings(input_ids)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        positions = torch.arange(x.shape[1], device=x.device) + BART_POSITION_OFFSET
-        x = (x + self.position_embeddings(positions)).transpose(0, 1).contiguous()  # [S, b, h]
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device)
+        positions = self.position_embeddings(position_ids + BART_POSITION_OFFSET)
+        x = (x + positions).transpose(0, 1).contiguous()  # [S, b, h]
         if self.config.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
         x = self.layernorm_embedding(x)
