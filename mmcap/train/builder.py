@@ -125,7 +125,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         log.info("initial weights from %s", load)
         load_model_checkpoint(chunks, load)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
-    optimizer = build_optimizer(ddp, optimizer_config(cfg))
+    optimizer = build_optimizer(ddp, optimizer_config(cfg), cfg.optim.weight_decay_rule)
     scheduler = build_scheduler(cfg, optimizer)
     validator.chunks = ddp
     # A feature cache replaces the vision tower: its FLOPs are not spent.

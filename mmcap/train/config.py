@@ -46,6 +46,14 @@ class OptimConfig:
             decay_style, weight_decay, train_steps) that differs from the checkpoint's, apply
             the new one from the resumed step on (Megatron-LM
             ``--override-opt_param-scheduler``); false = refuse to resume, naming the keys.
+        weight_decay_rule: which parameters decay. "megatron" (default): all but biases and
+            1-D parameters (norm weights, cross-attention gates). "official" (the paper's HF
+            Trainer): all but biases and ``nn.LayerNorm`` weights, so Gemma RMSNorm weights
+            and the gates decay too.
+        loss_averaging: "global_token" (default): the per-token mean over the whole global
+            batch, the same gradient for every layout. "per_microbatch" (official, HF Trainer
+            with gradient accumulation): each micro-batch's token mean, averaged over
+            micro-batches and data-parallel ranks (samples in short micro-batches weigh more).
     """
 
     lr: float = 1e-4
@@ -60,11 +68,23 @@ class OptimConfig:
     loss_scale: float | None = None
     initial_loss_scale: float = 2.0**16
     override_scheduler: bool = False
+    weight_decay_rule: str = "megatron"
+    loss_averaging: str = "global_token"
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, lr]")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(
+            self.weight_decay_rule in ("megatron", "official"),
+            "optim.weight_decay_rule",
+            f"must be megatron or official, got {self.weight_decay_rule!r}",
+        )
+        require(
+            self.loss_averaging in ("global_token", "per_microbatch"),
+            "optim.loss_averaging",
+            f"must be global_token or per_microbatch, got {self.loss_averaging!r}",
+        )
         require(
             self.decay_style in ("cosine", "linear", "constant"),
             "optim.decay_style",

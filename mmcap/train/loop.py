@@ -168,6 +168,7 @@ def train(cfg: TrainConfig) -> int:
                 mbs,
                 encoder_hidden=t.model_cfg.encoder.hidden_size,
                 scheduler=t.scheduler,
+                loss_averaging=cfg.optim.loss_averaging,
             )
             samples, images, flops, failures, signalled = _global_counts(
                 t, batch, stop.received is not None

@@ -46,10 +46,40 @@ def wrap_model(
     ]
 
 
-def build_optimizer(ddp_chunks, optimizer_config: OptimizerConfig):
-    """megatron-core optimizer; wires its loss scaling and grad finalisation into the config."""
+def official_weight_decay_overrides(ddp_chunks) -> dict:
+    """megatron-core ``config_overrides`` for the official rule (HF Trainer's
+    ``get_decay_parameter_names``): no decay for biases and ``nn.LayerNorm`` weights only."""
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    layernorm = {
+        id(p)
+        for c in ddp_chunks
+        for m in c.modules()
+        if isinstance(m, torch.nn.LayerNorm)
+        for p in m.parameters(recurse=False)
+    }
+    no_decay = ParamWithNamePredicate(
+        name="official_no_decay", fn=lambda p, name: "bias" in name or id(p) in layernorm
+    )
+    return {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0}}  # a ParamGroupOverride
+
+
+def build_optimizer(
+    ddp_chunks, optimizer_config: OptimizerConfig, weight_decay_rule: str = "megatron"
+):
+    """megatron-core optimizer; wires its loss scaling and grad finalisation into the config.
+
+    Args:
+        weight_decay_rule: "megatron" (megatron-core's default: no decay for biases and 1-D
+            parameters) or "official" (:func:`official_weight_decay_overrides`).
+    """
+    overrides = None
+    if weight_decay_rule == "official":
+        overrides = official_weight_decay_overrides(ddp_chunks)
+    elif weight_decay_rule != "megatron":
+        raise ValueError(f"weight_decay_rule must be megatron or official, got {weight_decay_rule!r}")
     with cuda_factories_on_cpu():
-        opt = get_megatron_optimizer(optimizer_config, ddp_chunks)
+        opt = get_megatron_optimizer(optimizer_config, ddp_chunks, config_overrides=overrides)
     cfg = ddp_chunks[0].config
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.grad_scale_func = opt.scale_loss
@@ -75,6 +105,15 @@ def key_loss(mb: MicroBatch, output: torch.Tensor):
         by_key = per_sample.new_zeros(len(ALL_KEYS), 2)
         logs["key loss"] = by_key.index_add_(0, mb.key.to(by_key.device), per_sample)
     return loss, tokens, logs
+
+
+def microbatch_mean_loss(mb: MicroBatch, output: torch.Tensor):
+    """The official averaging (``optim.loss_averaging=per_microbatch``): this micro-batch's
+    token-mean CE, counted as ONE unit, so megatron-core's per-token division averages the
+    micro-batch means over micro-batches and DP ranks (HF Trainer's gradient accumulation).
+    Logging is the same as :func:`key_loss` (token sums)."""
+    loss, tokens, logs = key_loss(mb, output)
+    return loss / tokens.clamp(min=1), torch.ones_like(tokens), logs
 
 
 @dataclass
@@ -110,6 +149,7 @@ def train_step(
     *,
     encoder_hidden: int,
     scheduler=None,
+    loss_averaging: str = "global_token",
 ) -> StepResult:
     """Forward + backward over ``microbatches`` (this DP rank's share), one optimizer step and,
     when the update was applied, one LR-scheduler step (Megatron-LM: skipped steps do not
@@ -127,7 +167,7 @@ def train_step(
         microbatches,
         num_microbatches=len(microbatches),
         shape_of=microbatches[0],
-        loss_fn=key_loss,
+        loss_fn=microbatch_mean_loss if loss_averaging == "per_microbatch" else key_loss,
         forward_only=False,
         encoder_hidden=encoder_hidden,
     )
