@@ -54,7 +54,8 @@ def test_dry_run_lists_every_stage(tmp_path):
         "train_large.json",
     ):
         assert flag in large, flag
-    assert "florence-gemma-2-xlarge" in next(line for line in lines if "(train-xlarge," in line)
+    xlarge = next(line for line in res.stdout.splitlines() if "(train-xlarge," in line)
+    assert "florence-gemma-2-xlarge" in xlarge
     # The stage limits add up to the 8 minutes the check may take (+ a csrc/ build if any).
     limits = [int(line.split(", ")[1].split("s)")[0]) for line in lines if "(csrc," not in line]
     assert sum(limits) <= 8 * 60, limits
