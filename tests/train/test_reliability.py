@@ -156,6 +156,39 @@ def test_disk_full_during_save_fails_cleanly(world1, dataset, run6, tmp_path):
     assert rc == 0 and "at step 6" in out, out
 
 
+def test_failure_after_training_started_exits_promptly(dataset, run6, tmp_path):
+    """A real `python -m mmcap.train` with a DataLoader worker (which ignores SIGTERM / SIGINT)
+    whose save fails (file-size limit): it must exit non-zero at once, not hang at exit joining
+    the worker, and leave no process behind."""
+    run = _copy(run6, tmp_path / "run")
+    args = _args(dataset, run, 8, "checkpoint.save_interval=0", "optim.override_scheduler=true")
+
+    def limit():  # in the child only
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    t0 = time.time()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mmcap.train", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=limit,
+    )
+    try:
+        out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert p.returncode == 4, out[-3000:]
+    assert "file-size limit is full" in out and "Traceback" not in out, out[-3000:]
+    assert time.time() - t0 < 200
+    leftover = [x for x in psutil.process_iter(["cmdline"]) if str(run) in " ".join(x.info["cmdline"] or [])]
+    assert not leftover
+
+
 class _NanGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
