@@ -54,7 +54,10 @@ def _measure_forward(model, cfg, prompt_len, target_len, with_image, device="cpu
         with FlopCounterMode(display=False) as enc_counter:
             enc, mask = model.encoder(prompt, None, img)
         with FlopCounterMode(display=False) as dec_counter:
-            model.decoder(dec, enc, mask, labels=None if device == "meta" else dec)
+            # The logits path: the LM head as one matmul over the padded vocabulary. The loss
+            # path (mmcap.ops.softcap_ce) tiles it, skips padding rows and recomputes tiles in
+            # backward: hardware FLOPs, not the model FLOPs the formula counts.
+            model.decoder(dec, enc, mask, labels=None)
     return (*_split(enc_counter), *_split(dec_counter))
 
 
@@ -127,7 +130,8 @@ def _measure_step(model, cfg):
     dec = torch.randint(3, 900, (1, T))
     img = torch.randn(1, cfg.vision.num_image_tokens, cfg.encoder.hidden_size)
     with FlopCounterMode(display=False) as counter:
-        model(prompt, dec, image_tokens=img, labels=dec).sum().backward()
+        # logits (not the fused loss, see _measure_forward); padded rows carry no gradient
+        model(prompt, dec, image_tokens=img).float().sum().backward()
     return counter.get_total_flops()
 
 
