@@ -127,6 +127,9 @@ def _die_mid_save(save_dir):
     from mmcap.train.checkpoint import save_train_state
 
     cfg, chunks, opt, sched = _setup(2, 2)
+    # One step first: a never-stepped distributed optimizer has no state to save (megatron-core
+    # asserts), which would fail the save before any tensor is written.
+    _steps(cfg, chunks, opt, sched, 0, 1)
     real_save = dc.save
 
     def save_then_die(*a, **k):
