@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of parsed command-line arguments (raises ConfigError)."""
-    from mmcap.train.config import load_train_config
+    from mmcap.train.overrides import load_train_config
 
     overrides = list(args.overrides)
     if args.resume is not None:

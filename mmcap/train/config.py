@@ -1,5 +1,5 @@
-"""Typed configuration of a training run, built from a preset, a YAML file and key=value
-overrides (torchtitan / Megatron-LM style)::
+"""Typed configuration of a training run (the dataclasses; :mod:`mmcap.train.overrides` builds
+one from a preset, a YAML file and key=value overrides, torchtitan / Megatron-LM style)::
 
     torchrun --nproc-per-node 8 -m mmcap.train --preset florence-gemma-2-xlarge \\
         --config examples/pretrain/florence-gemma-2-xlarge.yaml \\
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mmcap.config import (
     DEFAULT_SEED,
@@ -26,7 +25,7 @@ from mmcap.config import (
     require,
 )
 from mmcap.config.presets import get_preset
-from mmcap.config.serialize import from_dict, model_config_from_dict, model_config_to_dict
+from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
 from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
 
 
@@ -355,76 +354,3 @@ def _merge(base: dict, over: dict, where: str) -> dict:
             raise ConfigError(f"{where}.{k}: is a section; set its keys ({where}.{k}.KEY=...)")
         out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) else v
     return out
-
-
-def parse_override(item: str) -> tuple[list[str], object]:
-    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
-    import yaml
-
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
-    key, raw = item.split("=", 1)
-    # "key=" is the empty string (e.g. ``logging.tensorboard_dir=`` = off); ``key=null`` is None.
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "1e-4" as a string
-    return key.strip().split("."), value
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _set(tree: dict, path: list[str], value) -> None:
-    node = tree
-    for p in path[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {p} is not a section")
-    node[path[-1]] = value
-
-
-def _fix_numbers(tree):
-    if isinstance(tree, dict):
-        return {k: _fix_numbers(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_fix_numbers(v) for v in tree]
-    if isinstance(tree, str) and _looks_numeric(tree) and not tree.strip().isdigit():
-        return float(tree)
-    return tree
-
-
-def load_train_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> TrainConfig:
-    """Build a :class:`TrainConfig`; see the module docstring for precedence."""
-    import yaml
-
-    tree: dict = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: top level must be a mapping")
-        tree = _fix_numbers(loaded or {})
-    if preset is not None:
-        tree["preset"] = preset
-    for item in overrides:
-        path_, value = parse_override(item)
-        _set(tree, path_, value)
-    if isinstance(tree.get("data"), dict):
-        DataConfig.check_keys(tree["data"])
-    cfg = from_dict(TrainConfig, tree)
-    cfg.model_config()  # validate model overrides now
-    return cfg

@@ -11,7 +11,8 @@ import pytest
 from mmcap.config import ConfigError
 from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
 from mmcap.train.__main__ import main
-from mmcap.train.config import TrainConfig, load_train_config
+from mmcap.train.config import TrainConfig
+from mmcap.train.overrides import load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -255,7 +255,7 @@ def test_every_preset_has_both_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_matches_paper_and_fits_8_gpus(single_rank_parallel_state, path):
-    from mmcap.train.config import load_train_config
+    from mmcap.train.overrides import load_train_config
 
     cfg = load_train_config(None, path, [])
     model = cfg.model_config()
