@@ -54,8 +54,8 @@ def latest_checkpoint(save_dir: str | os.PathLike, verify: bool = True) -> Path 
     if marker.is_file():
         try:
             named = marker.read_text().strip() or None
-        except OSError:
-            pass
+        except OSError:  # unreadable: treated as missing, and the warning below says so
+            named = None
     steps = _step_dirs(root)
     if not steps:
         if named is not None:

@@ -182,8 +182,8 @@ def test_pipeline_first_stage_holds_pp_microbatches(single_rank_parallel_state):
 # The fused ops of csrc/ (issue 12: softcap_ce keeps no logits, rmsnorm / geglu save their
 # inputs only) changed what autograd saves; mmcap.train.memory's activation model still
 # describes the unfused layers and now UNDER-estimates what the CPU reference path saves by
-# 12-37% (estimate / saved 0.63-0.88, measured 2026-11-29). Expected failures until the model
-# follows the fused ops; the pairs still exact stay asserted.
+# 12-37% (estimate / saved 0.63-0.88, measured 2026-11-29). Those cases are held to that band
+# (a further drift fails) until the model follows the fused ops; the exact ones stay at 5%.
 # (case, recompute) pairs the model still gets within 5% (2026-11-29): these must stay exact.
 _STILL_EXACT = {("debug-gemma", None), ("gemma-decoder-trains", None)}
 _FUSED_OPS = pytest.mark.xfail(
@@ -197,9 +197,10 @@ def test_activation_model_equals_saved_tensors(single_rank_parallel_state, case,
     got = _saved_bytes(case, 1, False, recompute)
     est = _estimated_saved(_cases()[case], 1, False, recompute)
     print(f"{case} recompute={recompute}: saved {got} B, estimated {est} B ({est / got:.3f})")
-    if abs(est / got - 1) > 0.05 and (case, recompute) not in _STILL_EXACT:
-        pytest.xfail(f"activation model predates the fused ops: estimate/saved = {est / got:.3f}")
-    assert abs(est / got - 1) <= 0.05
+    if (case, recompute) in _STILL_EXACT:
+        assert abs(est / got - 1) <= 0.05
+    else:  # the fused ops moved these: hold them to the measured band until the model follows
+        assert 0.6 <= est / got <= 0.9, est / got
 
 
 @_FUSED_OPS

@@ -328,3 +328,27 @@ def test_ctrl_c_checkpoints_and_nothing_outlives_the_run(dataset, tmp_path, laun
         assert rc == 0, out
     gone, alive = psutil.wait_procs(procs, timeout=20)
     assert not alive, [(x.pid, x.cmdline()[-3:]) for x in alive]
+
+
+def test_checkpointer_never_saves_non_finite_weights(tmp_path):
+    """The guard in front of every save (world of one, no process group needed)."""
+    from mmcap.config import get_preset
+    from mmcap.train.checkpoint import weights_are_finite
+    from mmcap.train.checkpointer import Checkpointer
+    from mmcap.train.config import CheckpointConfig
+    from mmcap.train.state import TrainState
+
+    layer = torch.nn.Linear(3, 3)
+    assert weights_are_finite([layer])
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    assert not weights_are_finite([layer])
+    ckpt = Checkpointer(
+        CheckpointConfig(save=str(tmp_path / "run"), save_interval=1),
+        get_preset("debug-gemma"),
+        [layer],
+        optimizer=None,
+        scheduler=None,
+    )
+    assert ckpt.maybe_save(TrainState(step=1), "end") is False
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("step_*"))
