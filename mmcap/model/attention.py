@@ -126,13 +126,23 @@ class _AttentionBase(MegatronModule):
         )
 
     def _attend(
-        self, q, k, v, *, causal: bool, window: int | None, kv_padding_mask: torch.Tensor | None
+        self,
+        q,
+        k,
+        v,
+        *,
+        causal: bool,
+        window: int | None,
+        kv_padding_mask: torch.Tensor | None,
+        doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q [s, b, heads_local, d], k/v [s_kv, b, groups_local, d] -> projected [s, b, h]."""
+        """q [s, b, heads_local, d], k/v [s_kv, b, groups_local, d] -> projected [s, b, h].
+        ``doc_ids`` (q_doc [b, s], kv_doc [b, s_kv]): packed rows, attention within documents."""
         s, b = q.shape[:2]
         dropout = self.spec.dropout_p if self.training else 0.0
+        q_doc, kv_doc = doc_ids if doc_ids is not None else (None, None)
 
-        def core_attention(q, k, v, kv_padding_mask):  # bshd in and out
+        def core_attention(q, k, v, kv_padding_mask, q_doc, kv_doc):  # bshd in and out
             with tp_region_rng(dropout > 0):
                 return attention(
                     q.transpose(0, 1),
@@ -144,15 +154,17 @@ class _AttentionBase(MegatronModule):
                     window=window,
                     kv_padding_mask=kv_padding_mask,
                     dropout_p=dropout,
+                    doc_ids=None if q_doc is None else (q_doc, kv_doc),
                 )
 
+        args = (q, k, v, kv_padding_mask, q_doc, kv_doc)
         if _recomputing(self, "selective") and (
             q.requires_grad or k.requires_grad or v.requires_grad
         ):
             # Megatron-LM's "core_attn": keep q/k/v, drop the [b, heads, s, s_kv] probabilities.
-            out = tensor_parallel.checkpoint(core_attention, False, q, k, v, kv_padding_mask)
+            out = tensor_parallel.checkpoint(core_attention, False, *args)
         else:
-            out = core_attention(q, k, v, kv_padding_mask)
+            out = core_attention(*args)
         out = out.transpose(0, 1).reshape(s, b, self.heads_per_rank * self.spec.head_dim)
         out, _ = self.linear_proj(out)
         return out
@@ -186,9 +198,12 @@ class SelfAttention(_AttentionBase):
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
+        doc: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [s(/tp with SP), b, h]; rope tables or None; padding_mask bool [b, s]
-        (True = real token; encoder only). Returns [s(/tp), b, h]."""
+        (True = real token; encoder only); doc int [b, s] document ids of packed rows (-1 =
+        padding; attention within a document, causal and window counted inside it).
+        Returns [s(/tp), b, h]."""
         qkv, _ = self.linear_qkv(hidden)  # [s, b, groups_local * (hpg + 2) * d]
         s, b = qkv.shape[:2]
         d, g = self.spec.head_dim, self.groups_per_rank
@@ -204,7 +219,13 @@ class SelfAttention(_AttentionBase):
             k, v = self.kv_cache.append(k, v)
             return self._attend(q, k, v, causal=False, window=None, kv_padding_mask=None)
         return self._attend(
-            q, k, v, causal=self.causal, window=self.spec.window, kv_padding_mask=padding_mask
+            q,
+            k,
+            v,
+            causal=self.causal,
+            window=self.spec.window,
+            kv_padding_mask=padding_mask,
+            doc_ids=None if doc is None else (doc, doc),
         )
 
 
@@ -238,10 +259,16 @@ class CrossAttention(_AttentionBase):
         )
 
     def forward(
-        self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        encoder_out: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
+        doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """hidden [s(/tp), b, h]; encoder_out [s_enc, b, w] (full on every TP rank);
-        encoder_mask bool [b, s_enc], True = real token. Returns [s(/tp), b, h]."""
+        encoder_mask bool [b, s_enc], True = real token; doc_ids (decoder doc [b, s], encoder
+        doc [b, s_enc]) of packed rows: decoder document i reads encoder document i only (the
+        ids carry the padding, so encoder_mask is then ignored). Returns [s(/tp), b, h]."""
         q, _ = self.linear_q(hidden)
         if self.kv_cache is not None:  # generation: k/v of the encoder output computed once
             kv = self.kv_cache.cross_kv(lambda: self.linear_kv(encoder_out)[0])
@@ -257,5 +284,6 @@ class CrossAttention(_AttentionBase):
             kv[:, :, :, 1],
             causal=False,
             window=None,
-            kv_padding_mask=encoder_mask,
+            kv_padding_mask=encoder_mask if doc_ids is None else None,
+            doc_ids=doc_ids,
         )

@@ -140,6 +140,7 @@ class CaptioningModel(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        packed=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision tower (unless precomputed ``image_tokens`` are given) + BART encoder.
 
@@ -148,8 +149,16 @@ class CaptioningModel(MegatronModule):
         prompt alone, exactly as on their own, and placed behind ``n`` masked rows, so the
         output keeps the layout [n image rows ; prompt rows] of the batch.
 
+        ``packed`` (:class:`mmcap.model.stage_io.PackedDocs`): packed rows; ``pixel_values`` /
+        ``image_tokens`` then hold the rows' images in order ([m, ...], placed at
+        ``packed.image_index``).
+
         Returns (encoder_out [S, b, d], encoder_mask bool [b, S]).
         """
+        if packed is not None:
+            if image_tokens is None and pixel_values is not None and len(pixel_values):
+                image_tokens = self.vision(pixel_values.to(self.config.params_dtype))
+            return self.encoder(prompt_ids, prompt_mask, image_tokens, packed=packed)
         has_images = pixel_values is not None or image_tokens is not None
         if not has_images or has_image is None or bool(has_image.all()):
             if image_tokens is None and pixel_values is not None:
@@ -187,6 +196,7 @@ class CaptioningModel(MegatronModule):
         labels: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        packed=None,
     ):
         """Run this stage.
 
@@ -201,6 +211,8 @@ class CaptioningModel(MegatronModule):
             encoder_mask: bool [b, S] (non-first stages: the first stage's encoder mask, which
                 the data pipeline rebuilds from the prompt mask and image token count; its
                 length S also sizes the packed encoder output).
+            packed: :class:`mmcap.model.stage_io.PackedDocs` for packed rows (sequence
+                packing; every stage), else None.
 
         Returns:
             Last stage: per-token loss [b, s] with labels, else logits [b, s, V_pad / tp].
@@ -208,7 +220,7 @@ class CaptioningModel(MegatronModule):
         """
         if self.add_encoder:
             encoder_out, encoder_mask = self.encode(
-                prompt_ids, prompt_mask, pixel_values, image_tokens, has_image
+                prompt_ids, prompt_mask, pixel_values, image_tokens, has_image, packed
             )
         else:
             if self.input_tensor is None or encoder_mask is None:
@@ -220,7 +232,17 @@ class CaptioningModel(MegatronModule):
                 self.input_tensor, encoder_mask.shape[1], self.model_config.encoder.hidden_size
             )
             self.decoder.set_input_tensor(hidden)
-        out = self.decoder(decoder_input_ids, encoder_out, encoder_mask, labels=labels)
+        if packed is None:
+            out = self.decoder(decoder_input_ids, encoder_out, encoder_mask, labels=labels)
+        else:
+            out = self.decoder(
+                decoder_input_ids,
+                encoder_out,
+                encoder_mask,
+                position_ids=packed.decoder_pos,
+                labels=labels,
+                docs=(packed.decoder_doc, packed.encoder_doc),
+            )
         if self.post_process:
             return out
         return pack_stage_output(out, encoder_out)

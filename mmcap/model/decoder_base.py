@@ -126,6 +126,7 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
         encoder_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        docs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run this stage.
 
@@ -135,6 +136,9 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
             encoder_mask: bool [b, s_enc], True = real encoder token.
             position_ids: [b, s]; default 0..s-1.
             labels: [b, s] targets aligned with input_ids (IGNORE_INDEX = no loss).
+            docs: packed rows: (decoder doc ids [b, s], encoder doc ids [b, s_enc]); with
+                them ``position_ids`` are the in-document positions and ``encoder_mask`` is
+                not used (the ids carry the padding).
 
         Returns:
             Not last stage: hidden states [s(/tp), b, h]. Last stage: per-token loss [b, s]
@@ -149,8 +153,9 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
             # backward, for the partial gradients of every layer's linear_kv.
             encoder_out = tensor_parallel.copy_to_tensor_model_parallel_region(encoder_out)
         ctx = self.layer_context(position_ids)
+        docs = docs or (None, None)
         for layer in self.layers:
-            hidden = layer(hidden, ctx, encoder_out, encoder_mask)
+            hidden = layer(hidden, ctx, encoder_out, encoder_mask, *docs)
         if not self.post_process:
             return hidden
         if self.final_layernorm is not None:

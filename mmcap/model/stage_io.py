@@ -13,6 +13,10 @@
   encoder-output gradient of every later stage back to the encoder, and the interleaved
   schedule (which sends exactly one tensor) works unchanged.
 - :func:`split_microbatches`: a collated local batch -> the step's micro-batches.
+- :class:`PackedDocs`: the document layout of packed rows (sequence packing,
+  :mod:`mmcap.data.packing`): document ids and in-document positions of both sides and where
+  the image tokens go; every stage gets it with its micro-batch (all of it derives from
+  token lengths, so stages without the encoder have it too).
 - :func:`sequence_parallel_pad_multiple` / :func:`stage_seq_length`: the padding rule under
   sequence parallelism and the ``seq_length`` of the one tensor stages exchange (decoder rows
   plus the packed encoder rows, :func:`mmcap.model.captioner.pack_stage_output`).
@@ -36,6 +40,7 @@ from mmcap.config.constants import IGNORE_INDEX
 __all__ = [
     "IGNORE_INDEX",
     "MicroBatch",
+    "PackedDocs",
     "build_encoder_mask",
     "make_forward_step",
     "pack_stage_output",
@@ -43,6 +48,7 @@ __all__ = [
     "run_schedule",
     "sequence_parallel_pad_multiple",
     "split_microbatches",
+    "split_packed_microbatches",
     "stage_seq_length",
     "unpack_stage_input",
 ]
@@ -92,8 +98,45 @@ def build_encoder_mask(
 
 
 @dataclass
+class PackedDocs:
+    """Where the documents (samples) of packed rows are.
+
+    Row r of a packed micro-batch holds documents 0, 1, ... as contiguous runs on both sides:
+    document i's encoder part ([image tokens ;] prompt) in the encoder row and its decoder part
+    (decoder input / labels) in the decoder row, padding (id -1) at the end. Attention stays
+    within a document (:func:`mmcap.ops.attention.attention`'s ``doc_ids``), cross-attention
+    reaches only the same document's encoder part, positions restart at 0 per document.
+
+    Args:
+        encoder_doc / decoder_doc: int32 [b, S_enc] / [b, S_dec] document ids, -1 = padding.
+        encoder_pos / decoder_pos: int64, the same shapes: position within the document.
+        image_index: int64 [images * n]: flat positions (``row * S_enc + column``) of the image
+            tokens of the micro-batch's images, in image order; None without images.
+    """
+
+    encoder_doc: torch.Tensor
+    decoder_doc: torch.Tensor
+    encoder_pos: torch.Tensor
+    decoder_pos: torch.Tensor
+    image_index: torch.Tensor | None = None
+
+    def to(self, device) -> PackedDocs:
+        return PackedDocs(
+            *(t.to(device) for t in (self.encoder_doc, self.decoder_doc, self.encoder_pos)),
+            self.decoder_pos.to(device),
+            None if self.image_index is None else self.image_index.to(device),
+        )
+
+
+@dataclass
 class MicroBatch:
-    """Tensors of one micro-batch (every pipeline stage gets the same object)."""
+    """Tensors of one micro-batch (every pipeline stage gets the same object).
+
+    Packed micro-batches (``packed`` set) hold rows instead of samples: ``prompt_ids`` /
+    ``prompt_mask`` span the whole encoder row (image slots hold a placeholder id and are
+    filled from ``pixel_values`` / ``image_tokens``, one per image of the micro-batch, at
+    ``packed.image_index``), ``num_image_tokens`` is 0 and ``key`` is per decoder token.
+    """
 
     prompt_ids: torch.Tensor  # [b, s_p]
     prompt_mask: torch.Tensor  # bool [b, s_p]
@@ -104,6 +147,7 @@ class MicroBatch:
     num_image_tokens: int = 0
     has_image: torch.Tensor | None = None  # bool [b] in mixed batches (None = all have one)
     key: torch.Tensor | None = None  # [b] task-language key ids (per-key loss logging)
+    packed: PackedDocs | None = None  # packed rows (sequence packing)
 
     @property
     def encoder_mask(self) -> torch.Tensor:
@@ -167,6 +211,69 @@ def split_microbatches(
     return out
 
 
+def split_packed_microbatches(
+    packed,
+    micro_batch_size: int,
+    *,
+    num_image_tokens: int,
+    pixels: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> list[MicroBatch]:
+    """Packed rows (:class:`mmcap.data.packing.PackedRows`) -> micro-batches of
+    ``micro_batch_size`` ROWS on ``device`` (the row count is a multiple of it).
+
+    Args:
+        pixels / features: [B, ...] per sample of the local batch (as for
+            :func:`split_microbatches`); each micro-batch gets those of its rows' images, in
+            the order of ``PackedDocs.image_index``.
+    """
+    rows = packed.num_rows
+    if micro_batch_size < 1 or rows % micro_batch_size:
+        raise ValueError(f"{rows} packed rows do not split into micro-batches of {micro_batch_size}")
+    s_enc = packed.encoder_ids.shape[1]
+    slot_row = packed.image_slots[:, 0]
+    out = []
+    for r0 in range(0, rows, micro_batch_size):
+        r1 = r0 + micro_batch_size
+        sel = (slot_row >= r0) & (slot_row < r1)
+        samples = torch.from_numpy(packed.image_samples[sel])
+        slots = torch.from_numpy(packed.image_slots[sel])
+        starts = (slots[:, 0] - r0) * s_enc + slots[:, 1]
+        index = (starts[:, None] + torch.arange(num_image_tokens)).flatten()
+
+        def rows_of(a, dtype=None):
+            t = torch.from_numpy(a[r0:r1])
+            return (t if dtype is None else t.to(dtype)).to(device)
+
+        docs = PackedDocs(
+            encoder_doc=rows_of(packed.encoder_doc),
+            decoder_doc=rows_of(packed.decoder_doc),
+            encoder_pos=rows_of(packed.encoder_pos),
+            decoder_pos=rows_of(packed.decoder_pos),
+            image_index=index.to(device) if len(samples) else None,
+        )
+        has_images = len(samples) > 0
+        out.append(
+            MicroBatch(
+                prompt_ids=rows_of(packed.encoder_ids),
+                prompt_mask=docs.encoder_doc >= 0,
+                decoder_input_ids=rows_of(packed.decoder_ids),
+                labels=rows_of(packed.labels),
+                pixel_values=pixels[samples].to(device)
+                if has_images and pixels is not None
+                else None,
+                image_tokens=features[samples].to(device)
+                if has_images and features is not None
+                else None,
+                num_image_tokens=0,
+                key=rows_of(packed.key),
+                packed=docs,
+            )
+        )
+    return out
+
+
 def sequence_parallel_pad_multiple(pad_multiple: int, tp: int, sequence_parallel: bool) -> int:
     """Decoder padding multiple: with sequence parallelism the decoder rows split over TP."""
     return math.lcm(pad_multiple, tp) if sequence_parallel else pad_multiple
@@ -197,6 +304,7 @@ def make_forward_step(loss_fn: LossFn):
             labels=mb.labels,
             encoder_mask=mb.encoder_mask,
             has_image=mb.has_image,
+            packed=mb.packed,
         )
         return out, partial(loss_fn, mb)
 

@@ -94,16 +94,22 @@ def key_loss(mb: MicroBatch, output: torch.Tensor):
     loss, target tokens, logging) as megatron-core's per-token loss expects.
 
     Logging: "lm loss" = [summed CE, tokens]; "key loss" = [num keys, 2] the same per
-    task-language key (per-token mean per key = column 0 / column 1)."""
+    task-language key (per-token mean per key = column 0 / column 1); ``mb.key`` is per sample
+    [b], or per token [b, s] in packed rows."""
     mask = (mb.labels != IGNORE_INDEX).float()
     per_token = output.float() * mask
     loss = per_token.sum()
     tokens = mask.sum().to(torch.int)
     logs = {"lm loss": torch.stack([loss.detach(), tokens.float()])}
     if mb.key is not None:
-        per_sample = torch.stack([per_token.detach().sum(1), mask.sum(1)], dim=1)  # [b, 2]
-        by_key = per_sample.new_zeros(len(ALL_KEYS), 2)
-        logs["key loss"] = by_key.index_add_(0, mb.key.to(by_key.device), per_sample)
+        if mb.key.dim() == 2:  # packed rows: a key per token
+            per_item = torch.stack([per_token.detach().flatten(), mask.flatten()], dim=1)
+            keys = mb.key.flatten()
+        else:
+            per_item = torch.stack([per_token.detach().sum(1), mask.sum(1)], dim=1)  # [b, 2]
+            keys = mb.key
+        by_key = per_item.new_zeros(len(ALL_KEYS), 2)
+        logs["key loss"] = by_key.index_add_(0, keys.to(by_key.device), per_item)
     return loss, tokens, logs
 
 

@@ -67,14 +67,22 @@ class BartEmbedding(MegatronModule):
         input_ids: torch.Tensor,
         prefix: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        scatter: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s], prefix [b, n, h] or None -> [(n + s)(/tp), b, h]. position_ids
-        [b, n + s] (default 0, 1, ...; a generation step passes its position)."""
+        [b, n + s] (default 0, 1, ...; a generation step passes its position). ``scatter``
+        (packed rows): (ready-made embeddings [m, n, h], flat positions [m * n] into the
+        [b * s] tokens) replace the placeholder tokens there, as ``prefix`` does in front."""
         x = self.word_embeddings(input_ids)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        if scatter is not None and scatter[1] is not None and scatter[1].numel():
+            b, s, h = x.shape
+            tokens, index = scatter
+            x = x.reshape(b * s, h).index_copy(0, index, tokens.reshape(-1, h).to(x.dtype))
+            x = x.view(b, s, h)
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device)
         positions = self.position_embeddings(position_ids + BART_POSITION_OFFSET)

@@ -60,18 +60,32 @@ class BartEncoder(MegatronModule):
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
+        packed=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode.
 
         Args:
             prompt_ids: [b, s] BART token ids.
             prompt_mask: bool [b, s], True = real token (None = no padding).
-            image_tokens: [b, n, d] projected image tokens, or None (text only).
+            image_tokens: [b, n, d] projected image tokens, or None (text only); packed: [m, n, d]
+                for the m images of the rows.
+            packed: :class:`mmcap.model.stage_io.PackedDocs` of packed rows, or None: the
+                image tokens go to ``packed.image_index``, positions restart per document and
+                attention stays within it.
 
         Returns:
             (encoder output [n + s, b, d], mask bool [b, n + s]) — the mask is the
             cross-attention mask of every decoder layer.
         """
+        if packed is not None:
+            hidden = self.embedding(
+                prompt_ids,
+                position_ids=packed.encoder_pos,
+                scatter=(image_tokens, packed.image_index),
+            )
+            for layer in self.layers:
+                hidden = layer(hidden, None, packed.encoder_doc)
+            return hidden, packed.encoder_doc >= 0
         b, s = prompt_ids.shape
         if prompt_mask is None:
             prompt_mask = torch.ones(b, s, dtype=torch.bool, device=prompt_ids.device)

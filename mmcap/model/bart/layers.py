@@ -99,12 +99,20 @@ class BartEncoderLayer(_PostLNLayer):
             config, bart_attention_spec(hidden, heads, attention_dropout, init_std), causal=False
         )
 
-    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return recompute_layer(self, self._forward, hidden, padding_mask)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        doc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``doc``: document ids of packed rows (then ``padding_mask`` is None)."""
+        return recompute_layer(self, self._forward, hidden, padding_mask, doc)
 
-    def _forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, doc: torch.Tensor | None
+    ) -> torch.Tensor:
         hidden = self.self_attn_layernorm(
-            hidden + self._drop(self.self_attention(hidden, None, padding_mask))
+            hidden + self._drop(self.self_attention(hidden, None, padding_mask, doc))
         )
         return self.final_layernorm(hidden + self._drop(self.mlp(hidden)))
 
@@ -147,15 +155,28 @@ class BartDecoderLayer(_PostLNLayer):
         ctx,
         encoder_out: torch.Tensor,
         encoder_mask: torch.Tensor | None,
+        decoder_doc: torch.Tensor | None = None,
+        encoder_doc: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``ctx`` (the stage's shared layer context) is None for BART."""
-        return recompute_layer(self, self._forward, hidden, encoder_out, encoder_mask)
+        """``ctx`` (the stage's shared layer context) is None for BART; ``decoder_doc`` /
+        ``encoder_doc``: document ids of packed rows (or None)."""
+        return recompute_layer(
+            self, self._forward, hidden, encoder_out, encoder_mask, decoder_doc, encoder_doc
+        )
 
     def _forward(
-        self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        encoder_out: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
+        decoder_doc: torch.Tensor | None,
+        encoder_doc: torch.Tensor | None,
     ) -> torch.Tensor:
-        hidden = self.self_attn_layernorm(hidden + self._drop(self.self_attention(hidden)))
+        hidden = self.self_attn_layernorm(
+            hidden + self._drop(self.self_attention(hidden, doc=decoder_doc))
+        )
+        docs = None if decoder_doc is None else (decoder_doc, encoder_doc)
         hidden = self.cross_attn_layernorm(
-            hidden + self._drop(self.cross_attention(hidden, encoder_out, encoder_mask))
+            hidden + self._drop(self.cross_attention(hidden, encoder_out, encoder_mask, docs))
         )
         return self.final_layernorm(hidden + self._drop(self.mlp(hidden)))

@@ -57,8 +57,12 @@ class GatedCrossAttention(CrossAttention):
         self.gate.sequence_parallel = config.sequence_parallel
 
     def forward(
-        self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        encoder_out: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
+        doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Residual update for ``hidden`` [s(/tp), b, h] (see CrossAttention.forward)."""
-        out = super().forward(hidden, encoder_out, encoder_mask)
+        out = super().forward(hidden, encoder_out, encoder_mask, doc_ids)
         return torch.tanh(self.gate) * self.post_norm(out)

@@ -79,19 +79,27 @@ class Gemma2DecoderLayer(MegatronModule):
         rope: tuple[torch.Tensor, torch.Tensor],
         encoder_out: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        decoder_doc: torch.Tensor | None = None,
+        encoder_doc: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``decoder_doc`` / ``encoder_doc``: document ids of packed rows (or None)."""
         if self.cross_attention is not None and encoder_out is None:
             raise ValueError(
                 f"layer {self.layer_idx}: this decoder has gated cross-attention "
                 "and needs encoder_out [s_enc, b, encoder_hidden]"
             )
-        return recompute_layer(self, self._forward, hidden, *rope, encoder_out, encoder_mask)
+        return recompute_layer(
+            self, self._forward, hidden, *rope, encoder_out, encoder_mask, decoder_doc, encoder_doc
+        )
 
-    def _forward(self, hidden, cos, sin, encoder_out, encoder_mask) -> torch.Tensor:
+    def _forward(
+        self, hidden, cos, sin, encoder_out, encoder_mask, decoder_doc, encoder_doc
+    ) -> torch.Tensor:
         hidden = hidden + self.post_attention_layernorm(
-            self.self_attention(self.input_layernorm(hidden), (cos, sin))
+            self.self_attention(self.input_layernorm(hidden), (cos, sin), doc=decoder_doc)
         )
         if self.cross_attention is not None:
-            hidden = hidden + self.cross_attention(hidden, encoder_out, encoder_mask)
+            docs = None if decoder_doc is None else (decoder_doc, encoder_doc)
+            hidden = hidden + self.cross_attention(hidden, encoder_out, encoder_mask, docs)
         hidden = hidden + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(hidden)))
         return hidden

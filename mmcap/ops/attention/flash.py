@@ -34,7 +34,14 @@ except (ImportError, OSError) as e:  # OSError: a wheel built against another to
         else f"flash-attn failed to import ({type(e).__name__}: {e})"
     )
 
-__all__ = ["HAVE_FLASH_ATTN", "MIN_FLASH_ATTN_VERSION", "flash_forward", "is_available", "supports"]
+__all__ = [
+    "HAVE_FLASH_ATTN",
+    "MIN_FLASH_ATTN_VERSION",
+    "flash_forward",
+    "is_available",
+    "packed_varlen_layout",
+    "supports",
+]
 
 MIN_FLASH_ATTN_VERSION = "2.6.3"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -82,11 +89,13 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) -> tuple[bool, str]:
+def supports(
+    q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids=None
+) -> tuple[bool, str]:
     """Whether flash-attn can run this call exactly.
 
     Args:
-        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p: the call's
+        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids: the call's
             `attention()` arguments (bshd tensors; see `registry.attention`).
     """
     if q.dtype not in _DTYPES:
@@ -96,6 +105,10 @@ def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) ->
     if softcap is not None and dropout_p > 0.0:
         # flash_api.cpp: "Softcapping does not support dropout for now"
         return False, "flash-attn cannot combine softcap with dropout"
+    if doc_ids is not None:
+        if kv_padding_mask is not None:
+            return False, "packed calls carry padding in doc_ids (id -1), not kv_padding_mask"
+        return True, ""  # varlen over the documents: causal / window count within each
     if kv_padding_mask is not None and causal:
         # The varlen path packs each example's real keys, which renumbers key positions;
         # only position-free (non-causal, no window) attention survives that.
@@ -114,6 +127,7 @@ def flash_forward(
     window: int | None = None,
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention through flash-attn; same contract as `attention_ref`.
 
@@ -127,6 +141,8 @@ def flash_forward(
         window: sliding window, passed as window_size=(window - 1, 0).
         kv_padding_mask: bool [b, s_k], True = real key; non-causal calls only.
         dropout_p: attention dropout probability.
+        doc_ids: packed rows' (q_doc, kv_doc): each document is one varlen sequence
+            (`flash_attn_varlen_func` with cu_seqlens from :func:`packed_varlen_layout`).
 
     Returns:
         [b, s_q, h_q, d] in q's dtype.
@@ -140,9 +156,64 @@ def flash_forward(
         window_size=spec.flash_window_size(),
         softcap=0.0 if softcap is None else float(softcap),
     )
+    if doc_ids is not None:
+        return _varlen_packed(q, k, v, doc_ids, kwargs)
     if kv_padding_mask is None:
         return flash_attn_func(q, k, v, **kwargs)
     return _varlen_cross_attention(q, k, v, kv_padding_mask, kwargs)
+
+
+def packed_varlen_layout(q_doc: torch.Tensor, kv_doc: torch.Tensor) -> dict:
+    """The varlen layout of packed rows: every (row, document) pair is one sequence.
+
+    Documents must be contiguous runs with ascending ids along each row (the packer's rows,
+    :mod:`mmcap.data.packing`); ids < 0 are padding and belong to no sequence. The same
+    (row, id) pair on both sides is one sequence pair, so cross-attention from decoder
+    document i reaches encoder document i only.
+
+    Returns:
+        dict: ``q_index`` / ``kv_index`` (flat positions of real tokens, in sequence order),
+        ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [num_seq + 1]), ``max_seqlen_q`` /
+        ``max_seqlen_k`` (ints), ``q_has_key`` (bool per kept query: its document has keys).
+    """
+    b = q_doc.shape[0]
+    docs = int(torch.maximum(q_doc.max(), kv_doc.max()).clamp(min=0)) + 1  # host sync
+    out = {}
+    counts = {}
+    for side, ids in (("q", q_doc), ("k", kv_doc)):
+        flat = ids.reshape(-1)
+        keep = (flat >= 0).nonzero(as_tuple=True)[0]
+        rows = torch.div(keep, ids.shape[1], rounding_mode="floor")
+        gid = rows * docs + flat[keep].long()  # ascending by construction
+        n = torch.bincount(gid, minlength=b * docs)
+        counts[side] = (gid, n)
+        out[f"{'q' if side == 'q' else 'kv'}_index"] = keep
+        out[f"cu_seqlens_{side}"] = F.pad(torch.cumsum(n, 0, dtype=torch.int32), (1, 0))
+        out[f"max_seqlen_{side}"] = int(n.max()) if n.numel() else 0
+    gid_q, _ = counts["q"]
+    out["q_has_key"] = counts["k"][1][gid_q] > 0
+    return out
+
+
+def _varlen_packed(q, k, v, doc_ids, kwargs) -> torch.Tensor:
+    """Packed rows through flash_attn_varlen_func: one sequence per (row, document)."""
+    b, s_q, h_q, d = q.shape
+    s_k, h_kv = k.shape[1], k.shape[2]
+    lay = packed_varlen_layout(*doc_ids)
+    qi, ki = lay["q_index"], lay["kv_index"]
+    out = flash_attn_varlen_func(
+        q.reshape(b * s_q, h_q, d).index_select(0, qi),
+        k.reshape(b * s_k, h_kv, d).index_select(0, ki),
+        v.reshape(b * s_k, h_kv, d).index_select(0, ki),
+        lay["cu_seqlens_q"],
+        lay["cu_seqlens_k"],
+        max(lay["max_seqlen_q"], 1),
+        max(lay["max_seqlen_k"], 1),
+        **kwargs,
+    )
+    out = torch.where(lay["q_has_key"].view(-1, 1, 1), out, torch.zeros_like(out))
+    full = out.new_zeros(b * s_q, h_q, d).index_copy(0, qi, out)  # padding queries: 0
+    return full.view(b, s_q, h_q, d)
 
 
 def _varlen_cross_attention(q, k, v, kv_padding_mask, kwargs) -> torch.Tensor:

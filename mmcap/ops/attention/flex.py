@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from mmcap.ops.attention.math_ref import AttnMaskSpec
+from mmcap.ops.attention.math_ref import AttnMaskSpec, same_document
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -47,11 +47,13 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) -> tuple[bool, str]:
+def supports(
+    q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids=None
+) -> tuple[bool, str]:
     """Whether this call's features are within what flex_attention does.
 
     Args:
-        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p: the call's
+        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids: the call's
             `attention()` arguments (bshd tensors; see `registry.attention`).
     """
     if dropout_p > 0.0:
@@ -112,6 +114,21 @@ def _static_block_mask(
     return create_block_mask(mask_mod, None, None, s_q, s_k, device=device)
 
 
+def _doc_block_mask(spec, s_q, s_k, doc_ids, kv_padding_mask, device) -> "BlockMask":
+    """Document block mask of packed rows (per call): the bucket padding gets id -1, so it is
+    never attended; whole blocks outside a query block's documents are skipped."""
+    q_doc = torch.nn.functional.pad(doc_ids[0], (0, s_q - doc_ids[0].shape[1]), value=-1)
+    kv = doc_ids[1]
+    if kv_padding_mask is not None:
+        kv = torch.where(kv_padding_mask, kv, torch.full_like(kv, -1))
+    kv_doc = torch.nn.functional.pad(kv, (0, s_k - kv.shape[1]), value=-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return spec.allows(q_idx, kv_idx) & same_document(q_doc[b, q_idx], kv_doc[b, kv_idx])
+
+    return create_block_mask(mask_mod, q_doc.shape[0], None, s_q, s_k, device=device)
+
+
 def _block_mask(
     spec: AttnMaskSpec,
     s_q: int,
@@ -119,7 +136,10 @@ def _block_mask(
     real_k: int,
     device: torch.device,
     kv_padding_mask: torch.Tensor | None,
+    doc_ids=None,
 ) -> "BlockMask":
+    if doc_ids is not None:
+        return _doc_block_mask(spec, s_q, s_k, doc_ids, kv_padding_mask, device)
     if kv_padding_mask is None:
         return _static_block_mask(s_q, s_k, real_k, spec.causal, spec.window, str(device))
     # Padding differs per batch: build per call (B = batch, H broadcast), on bucketed keys.
@@ -149,6 +169,7 @@ def flex_forward(
     window: int | None = None,
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention through compiled flex_attention; same contract as `attention_ref`.
 
@@ -165,6 +186,7 @@ def flex_forward(
         window: sliding window (see `AttnMaskSpec`), or None.
         kv_padding_mask: bool [b, s_k], True = real key.
         dropout_p: must be 0 (flex has no dropout; the registry routes such calls elsewhere).
+        doc_ids: packed rows' (q_doc, kv_doc) document ids (a document block mask), or None.
 
     Returns:
         [b, s_q, h_q, d] in q's dtype.
@@ -174,7 +196,7 @@ def flex_forward(
     spec = AttnMaskSpec(causal=causal, window=window)
     s_q, s_k = q.shape[1], k.shape[1]
     bq, bk = bucket_length(s_q), bucket_length(s_k)
-    block_mask = _block_mask(spec, bq, bk, s_k, q.device, kv_padding_mask)
+    block_mask = _block_mask(spec, bq, bk, s_k, q.device, kv_padding_mask, doc_ids)
     score_mod = None if softcap is None else _softcap_score_mod(float(softcap))
     out = _compiled_flex_attention()(
         _pad_seq(q, bq).transpose(1, 2),  # [b, h_q, bq, d]

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttnMaskSpec", "attention_ref", "check_attention_inputs", "is_available", "supports"]
+__all__ = [
+    "AttnMaskSpec",
+    "attention_ref",
+    "check_attention_inputs",
+    "check_doc_ids",
+    "is_available",
+    "same_document",
+    "supports",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -85,6 +93,7 @@ class AttnMaskSpec:
         s_k: int,
         device: torch.device,
         kv_padding_mask: torch.Tensor | None = None,
+        doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Bool mask [b or 1, 1, s_q, s_k], True = attend; None when nothing is masked.
 
@@ -93,6 +102,8 @@ class AttnMaskSpec:
             s_k: key length.
             device: device of the mask.
             kv_padding_mask: optional bool [b, s_k], True = real key.
+            doc_ids: optional (q_doc [b, s_q], kv_doc [b, s_k]) of packed rows: a query
+                attends only keys of its own document, never a key with a negative id.
         """
         mask = None
         if not self.is_full:
@@ -102,6 +113,10 @@ class AttnMaskSpec:
         if kv_padding_mask is not None:
             pad = kv_padding_mask[:, None, None, :]  # [b, 1, 1, s_k]
             mask = pad if mask is None else mask & pad
+        if doc_ids is not None:
+            q_doc, kv_doc = doc_ids
+            same = same_document(q_doc[:, None, :, None], kv_doc[:, None, None, :])
+            mask = same if mask is None else mask & same
         return mask
 
     def flash_window_size(self) -> tuple[int, int]:
@@ -117,6 +132,25 @@ class AttnMaskSpec:
         return (self.window - 1, 0)
 
 
+def same_document(q_doc: torch.Tensor, kv_doc: torch.Tensor) -> torch.Tensor:
+    """True where a query of document ``q_doc`` may see a key of document ``kv_doc``: the
+    same id, and the key is not padding (id < 0). Broadcasts; works under flex's vmap."""
+    return (q_doc == kv_doc) & (kv_doc >= 0)
+
+
+def check_doc_ids(doc_ids, b: int, s_q: int, s_k: int, device: torch.device) -> None:
+    """Validate the ``doc_ids=(q_doc, kv_doc)`` of a packed call (see `attention_ref`)."""
+    if not (isinstance(doc_ids, (tuple, list)) and len(doc_ids) == 2):
+        raise ValueError("doc_ids must be a pair (q_doc [b, s_q], kv_doc [b, s_k]) or None")
+    for name, t, s in (("q_doc", doc_ids[0], s_q), ("kv_doc", doc_ids[1], s_k)):
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"doc_ids {name} must be an integer tensor")
+        if tuple(t.shape) != (b, s):
+            raise ValueError(f"doc_ids {name} must have shape {(b, s)}; got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"doc_ids {name} is on {t.device}, q on {device}")
+
+
 def check_attention_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,6 +161,7 @@ def check_attention_inputs(
     window: int | None = None,
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> AttnMaskSpec:
     """Validate an attention call and return its mask spec; raise ValueError naming the problem.
 
@@ -139,6 +174,7 @@ def check_attention_inputs(
         window: sliding window (see `AttnMaskSpec`), or None.
         kv_padding_mask: bool [b, s_k], True = real key, or None.
         dropout_p: attention-probability dropout in [0, 1).
+        doc_ids: (q_doc [b, s_q], kv_doc [b, s_k]) integer document ids of packed rows, or None.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -183,6 +219,8 @@ def check_attention_inputs(
             )
         if kv_padding_mask.device != q.device:
             raise ValueError(f"kv_padding_mask is on {kv_padding_mask.device}, q on {q.device}")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, b, s_q, s_k, q.device)
     return AttnMaskSpec(causal=causal, window=window)
 
 
@@ -195,11 +233,13 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) -> tuple[bool, str]:
+def supports(
+    q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids=None
+) -> tuple[bool, str]:
     """The math back-end supports every valid call.
 
     Args:
-        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p: the call's
+        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids: the call's
             `attention()` arguments (bshd tensors; see `registry.attention`).
     """
     return True, ""
@@ -216,6 +256,7 @@ def attention_ref(
     window: int | None = None,
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
     """Reference attention in plain PyTorch (the `math` back-end).
@@ -234,6 +275,10 @@ def attention_ref(
         window: sliding window, `window` keys counting the query itself (needs causal).
         kv_padding_mask: bool [b, s_k], True = real key, False = padding.
         dropout_p: dropout on attention probabilities (torch dropout; training only).
+        doc_ids: packed rows (sequence packing): (q_doc [b, s_q], kv_doc [b, s_k]) integer
+            document ids; query i attends key j only if q_doc[i] == kv_doc[j] >= 0 (on top of
+            the causal / window / padding masks; a negative id is padding). Documents are
+            contiguous runs of a row, so the causal mask and the window count within them.
         upcast: compute in float64 (high-precision reference); output stays float64.
 
     Returns:
@@ -248,6 +293,7 @@ def attention_ref(
         window=window,
         kv_padding_mask=kv_padding_mask,
         dropout_p=dropout_p,
+        doc_ids=doc_ids,
     )
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
@@ -260,7 +306,7 @@ def attention_ref(
     scores = torch.matmul(qh, kh.transpose(2, 3)) * softmax_scale  # [b, h_q, s_q, s_k]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    allowed = spec.dense(q.shape[1], k.shape[1], q.device, kv_padding_mask)
+    allowed = spec.dense(q.shape[1], k.shape[1], q.device, kv_padding_mask, doc_ids)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -51,7 +51,7 @@ class AttentionBackend:
     Args:
         name: registry key (what `backend=` and MMCAP_ATTN_BACKEND take).
         is_available: `(device | None) -> (ok, reason)`; None checks installation only.
-        supports: `(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p)
+        supports: `(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids)
             -> (ok, reason)`: whether this call's features are within the back-end's reach.
         forward: `(q, k, v, *, softmax_scale, causal, softcap, window, kv_padding_mask,
             dropout_p) -> out`, bshd in and out.
@@ -119,6 +119,7 @@ def select_backend(
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> str:
     """Name of the back-end that `attention()` would run for this call.
 
@@ -132,6 +133,7 @@ def select_backend(
         kv_padding_mask: bool [b, s_k] or None.
         dropout_p: attention dropout probability.
         backend: force a back-end by name (overridden by MMCAP_ATTN_BACKEND).
+        doc_ids: (q_doc, kv_doc) document ids of packed rows, or None.
 
     Raises:
         ValueError: invalid inputs, or an unknown back-end name.
@@ -146,6 +148,7 @@ def select_backend(
         window=window,
         kv_padding_mask=kv_padding_mask,
         dropout_p=dropout_p,
+        doc_ids=doc_ids,
     )
     features = dict(
         causal=causal,
@@ -153,6 +156,7 @@ def select_backend(
         window=window,
         kv_padding_mask=kv_padding_mask,
         dropout_p=dropout_p,
+        doc_ids=doc_ids,
     )
     env = os.environ.get(ENV_VAR, "").strip().lower()
     forced, source = (env, f"{ENV_VAR}={env}") if env else (backend, f"backend={backend!r}")
@@ -197,6 +201,7 @@ def attention(
     kv_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    doc_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention in flash-attn's bshd layout, on the best available back-end.
 
@@ -218,6 +223,11 @@ def attention(
         dropout_p: dropout on attention probabilities; pass 0 outside training.
         backend: None for automatic choice, or "math" | "flex" | "flash" | "te" to force one
             (the MMCAP_ATTN_BACKEND env var overrides this).
+        doc_ids: sequence packing: (q_doc [b, s_q], kv_doc [b, s_k]) integer document ids;
+            query i attends key j only if q_doc[i] == kv_doc[j] >= 0 (negative = padding),
+            on top of the other masks. Documents are contiguous, ascending runs of a row, so
+            causal masks and windows count within a document. math, flex and flash (varlen)
+            take it; te does not and is not chosen for packed calls.
 
     Returns:
         [b, s_q, h_q, d] in q's dtype.
@@ -232,7 +242,9 @@ def attention(
         kv_padding_mask=kv_padding_mask,
         dropout_p=dropout_p,
         backend=backend,
+        doc_ids=doc_ids,
     )
+    extra = {} if doc_ids is None else {"doc_ids": doc_ids}  # back-ends that take packing
     return BACKENDS[name].forward(
         q,
         k,
@@ -243,4 +255,5 @@ def attention(
         window=window,
         kv_padding_mask=kv_padding_mask,
         dropout_p=dropout_p,
+        **extra,
     )

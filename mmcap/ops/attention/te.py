@@ -73,13 +73,17 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def supports(q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p) -> tuple[bool, str]:
+def supports(
+    q, k, v, *, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids=None
+) -> tuple[bool, str]:
     """Whether TE computes exactly this call.
 
     Args:
-        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p: the call's
+        q, k, v, causal, softcap, window, kv_padding_mask, dropout_p, doc_ids: the call's
             `attention()` arguments (bshd tensors; see `registry.attention`).
     """
+    if doc_ids is not None:
+        return False, "packed rows (doc_ids) unsupported: mmcap does not build TE's thd layout"
     if softcap is not None:
         return False, "softcap unsupported"
     if kv_padding_mask is not None:
