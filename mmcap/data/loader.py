@@ -47,6 +47,10 @@ class CaptionBatch:
     pixels: torch.Tensor | None = None
     features: torch.Tensor | None = None
     decode_failures: int = 0  # images of this batch that failed to decode (blank instead)
+    # Token slots the model computes for this batch (padding included; set by the trainer's
+    # batch source, padded or packed), for the useful-token fraction.
+    encoder_slots: int = 0
+    decoder_slots: int = 0
 
     @property
     def has_image(self) -> torch.Tensor:

@@ -131,12 +131,23 @@ class DataConfig:
         num_workers: PIL decoding processes per rank.
         features: per train dataset, a frozen-vision feature cache directory
             (``tools/cache_vision_features.py``) used instead of decoding images.
+        packing: sequence packing (:mod:`mmcap.data.packing`): the step's samples packed
+            several to a fixed-length row on both sides, attention kept within each sample;
+            ``micro_batch_size`` then counts ROWS and the number of micro-batches per step
+            follows from how the samples pack. ``global_batch_size`` still counts samples.
+        packing_encoder_length: encoder row length (default image tokens + the prompt crop
+            length ``batch.max_prompt_tokens``; must be at least that).
+        packing_decoder_length: decoder row length (default the target crop length
+            ``batch.max_target_tokens``, rounded up to the padding multiple; at least that).
     """
 
     train: list[str] = field(default_factory=list)
     valid: str | None = None
     features: list[str] | None = None
     num_workers: int = 2
+    packing: bool = False
+    packing_encoder_length: int | None = None
+    packing_decoder_length: int | None = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -156,6 +167,12 @@ class DataConfig:
                 f"{len(self.features)} feature caches for {len(self.train)} train datasets",
             )
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for name in ("packing_encoder_length", "packing_decoder_length"):
+            v = getattr(self, name)
+            require(v is None or v >= 1, f"data.{name}", "must be >= 1 (or null: the default)")
+            require(
+                v is None or self.packing, f"data.{name}", "only used with data.packing=true"
+            )
 
     @staticmethod
     def check_keys(tree: dict) -> None:
@@ -313,6 +330,12 @@ class TrainConfig:
             "exit_duration_minutes",
             "must be > 0 (or null: off)",
         )
+        require(
+            not (self.data.packing and self.optim.loss_averaging == "per_microbatch"),
+            "data.packing",
+            "cannot be combined with optim.loss_averaging=per_microbatch: packing changes which "
+            "samples share a micro-batch, hence the per-micro-batch means (use global_token)",
+        )
         # Validated but not wired into the trainer yet: accepting it would be a silent no-op.
         require(
             self.precision.fp8 is None,
@@ -332,6 +355,15 @@ class TrainConfig:
         return model_config_from_dict(merged, where="model")
 
     def num_microbatches(self, dp: int) -> int:
+        """Micro-batches per step and DP rank; with ``data.packing`` it varies per step (the
+        rows the local batch packs into), and this checks only that DP divides the batch."""
+        if self.data.packing:
+            require(
+                self.global_batch_size % dp == 0,
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of the data-parallel size {dp}",
+            )
+            return 0
         per_rank, rest = divmod(self.global_batch_size, dp * self.micro_batch_size)
         require(
             rest == 0 and per_rank >= 1,

@@ -1,5 +1,6 @@
 """This rank's training batches for :mod:`mmcap.train.loop`: sampler -> padded local batch
--> the step's micro-batches, plus the step's sample / image / model-FLOP counts."""
+-> (packed rows, with ``data.packing``) -> the step's micro-batches, plus the step's sample /
+image / model-FLOP counts and the useful-token fractions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import torch
 
 from mmcap.config import ConfigError
 from mmcap.data.compat import check_datasets_fit_model
-from mmcap.model.stage_io import sequence_parallel_pad_multiple, split_microbatches
+from mmcap.model.stage_io import (
+    sequence_parallel_pad_multiple,
+    split_microbatches,
+    split_packed_microbatches,
+)
 from mmcap.train.config import TrainConfig
 
 
@@ -75,6 +80,13 @@ class BatchSource:
                 device="cuda" if torch.cuda.is_available() else "cpu",
             )
         self.num_workers = d.num_workers
+        self.packing = d.packing
+        if d.packing:
+            self.enc_row, self.dec_row = packing_row_lengths(cfg, model_cfg, self.batch_cfg)
+            p = cfg.parallel
+            # The interleaved schedule wants whole groups of PP micro-batches.
+            groups = p.pipeline_parallel if (p.virtual_pipeline_parallel or 1) > 1 else 1
+            self.row_multiple = cfg.micro_batch_size * groups
         self._it = None
 
     def summary(self, train_steps: int, global_batch_size: int) -> list[str]:
@@ -128,14 +140,46 @@ class BatchSource:
         if self._it is None:
             self._it = self._iterator()
         batch = next(self._it)
+        has_image = batch.image >= 0
+        key = np.asarray(batch.key, dtype=np.int64)
+        if self.packing:
+            from mmcap.data.packing import pack_batch
+
+            rows = pack_batch(
+                batch.tokens,
+                has_image,
+                key,
+                num_image_tokens=self.num_image_tokens,
+                enc_row=self.enc_row,
+                dec_row=self.dec_row,
+                cfg=self.batch_cfg,
+                row_multiple=self.row_multiple,
+            )
+            batch.encoder_slots = rows.num_rows * self.enc_row
+            batch.decoder_slots = rows.num_rows * self.dec_row
+            mbs = split_packed_microbatches(
+                rows,
+                self.micro_batch_size,
+                num_image_tokens=self.num_image_tokens,
+                pixels=batch.pixels,
+                features=batch.features,
+                device=current_device(),
+            )
+            return mbs, batch
+        b, lp = batch.tokens.encoder_input_ids.shape
+        n = self.num_image_tokens if has_image.any() else 0
+        # Image rows are computed for samples with an image (mixed batches encode text-only
+        # samples from their prompt alone).
+        batch.encoder_slots = b * lp + n * int(has_image.sum())
+        batch.decoder_slots = batch.tokens.decoder_input_ids.numel()
         mbs = split_microbatches(
             batch.tokens,
             self.micro_batch_size,
             num_image_tokens=self.num_image_tokens,
-            has_image=torch.from_numpy(batch.image >= 0),
+            has_image=torch.from_numpy(has_image),
             pixels=batch.pixels,
             features=batch.features,
-            key=torch.from_numpy(np.asarray(batch.key, dtype=np.int64)),
+            key=torch.from_numpy(key),
             device=current_device(),
         )
         return mbs, batch
@@ -147,8 +191,39 @@ class BatchSource:
             it.close()  # GeneratorExit inside iterate_batches frees its DataLoader iterator
 
 
+def packing_row_lengths(cfg: TrainConfig, model_cfg, batch_cfg) -> tuple[int, int]:
+    """(encoder, decoder) packed row lengths: the configured ones, else image tokens + prompt
+    crop / target crop (rounded up to the padding multiple); ConfigError when a row is
+    shorter than one sample may be, or breaks the sequence-parallel split."""
+    d = cfg.data
+    need_enc = model_cfg.vision.num_image_tokens + batch_cfg.max_prompt_tokens
+    m = batch_cfg.pad_multiple
+    need_dec = batch_cfg.max_target_tokens
+    enc = d.packing_encoder_length or need_enc
+    dec = d.packing_decoder_length or -(-need_dec // m) * m
+    if enc < need_enc:
+        raise ConfigError(
+            f"data.packing_encoder_length: {enc} is shorter than one sample's encoder part "
+            f"({model_cfg.vision.num_image_tokens} image tokens + data.batch.max_prompt_tokens "
+            f"{batch_cfg.max_prompt_tokens} = {need_enc}); raise it or lower the crop"
+        )
+    if dec < need_dec:
+        raise ConfigError(
+            f"data.packing_decoder_length: {dec} is shorter than data.batch.max_target_tokens "
+            f"{need_dec}; raise it or lower the crop"
+        )
+    if dec % m:
+        raise ConfigError(
+            f"data.packing_decoder_length: {dec} must be a multiple of {m} (the padding "
+            "multiple; with sequence parallelism a multiple of TP)"
+        )
+    return enc, dec
+
+
 class StepCounter:
-    """[samples, images, model FLOPs] of a local batch (real lengths, not padding).
+    """[samples, images, model FLOPs, encoder tokens, encoder slots, decoder tokens, decoder
+    slots] of a local batch: FLOPs on real lengths, not padding; slots = what the model computes
+    (padding included), so tokens / slots is the useful-token fraction.
 
     :func:`mmcap.train.flops.step_flops` per sample, cached by (prompt length, target length,
     has image): lengths are bounded by the crop lengths, so the per-step cost is a few dict
@@ -161,6 +236,7 @@ class StepCounter:
     def __init__(self, model_cfg, count_vision: bool):
         from mmcap.train.flops import step_flops
 
+        self.num_image_tokens = model_cfg.vision.num_image_tokens
         self._flops = functools.lru_cache(maxsize=None)(
             lambda p, t, img: step_flops(model_cfg, p, t, img, count_vision=count_vision)
         )
@@ -171,4 +247,16 @@ class StepCounter:
         t_len = t.decoder_attention_mask.sum(1).tolist()
         has_image = (batch.image >= 0).tolist()
         flops = sum(self._flops(p, n, i) for p, n, i in zip(p_len, t_len, has_image))
-        return torch.tensor([len(p_len), sum(has_image), flops], dtype=torch.float64)
+        enc_tokens = sum(p_len) + self.num_image_tokens * sum(has_image)
+        return torch.tensor(
+            [
+                len(p_len),
+                sum(has_image),
+                flops,
+                enc_tokens,
+                batch.encoder_slots,
+                sum(t_len),
+                batch.decoder_slots,
+            ],
+            dtype=torch.float64,
+        )

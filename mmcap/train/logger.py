@@ -52,6 +52,8 @@ _CONSOLE_FORMATS = {
     "tflops_per_gpu": "{:.3g} TFLOP/s/GPU",  # 3 significant digits: tiny CPU runs too
     "mfu": "MFU {:.1%}",
     "mem_gib": "mem {:.1f} GiB",
+    "data/useful_encoder": "useful tokens enc {:.0%}",
+    "data/useful_decoder": "dec {:.0%}",
 }
 CONSOLE_KEYS = tuple(_CONSOLE_FORMATS)
 ETA_WINDOW = 20  # logged step times averaged for the ETA: smooths noise, follows drift
@@ -222,6 +224,7 @@ class MetricsLogger:
         step_time: float,
         data_time: float,
         loss_scale: float | None = None,
+        useful: tuple[float, float] | None = None,
     ) -> None:
         """The metrics of one training step (:class:`mmcap.train.state.TrainState` after the
         step, :class:`mmcap.train.step.StepResult`, the global batch's counts and times); the
@@ -246,6 +249,8 @@ class MetricsLogger:
             "skipped_steps": state.skipped_steps,
             "data/decode_failures": state.decode_failures,
             "loss_scale": loss_scale,
+            "data/useful_encoder": useful[0] if useful else None,
+            "data/useful_decoder": useful[1] if useful else None,
             **{f"loss/{k}": v for k, v in result.key_loss.items()},
         }
         step = state.step

@@ -96,10 +96,11 @@ def _elapsed_minutes(start: float) -> float:
     return float(t.item())
 
 
-def _global_counts(t: Trainer, batch, signalled: bool) -> tuple[float, float, float, int, bool]:
-    """(samples, images, model FLOPs) of the global batch (DP all-reduce) and, in one world
-    all-reduce, the images that failed to decode (first-stage ranks decode; every TP rank of a
-    replica the same batch) and whether any rank saw a signal."""
+def _global_counts(t: Trainer, batch, signalled: bool):
+    """(samples, images, model FLOPs, (useful encoder, useful decoder token fraction)) of the
+    global batch (DP all-reduce) and, in one world all-reduce, the images that failed to decode
+    (first-stage ranks decode; every TP rank of a replica the same batch) and whether any rank
+    saw a signal."""
     from megatron.core import parallel_state
 
     counts = t.counter(batch).to(current_device())
@@ -109,9 +110,10 @@ def _global_counts(t: Trainer, batch, signalled: bool) -> tuple[float, float, fl
     if dist.is_initialized():
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(flags)
-    samples, images, flops = counts.tolist()
+    samples, images, flops, enc, enc_slots, dec, dec_slots = counts.tolist()
+    useful = (enc / max(enc_slots, 1.0), dec / max(dec_slots, 1.0))
     failures = int(flags[0].item()) // t.cfg.parallel.tensor_parallel
-    return samples, images, flops, failures, bool(flags[1].item() > 0)
+    return samples, images, flops, useful, failures, bool(flags[1].item() > 0)
 
 
 def _log_skip(t: Trainer, state: TrainState, result, overflow: bool) -> None:
@@ -140,14 +142,19 @@ def train(cfg: TrainConfig) -> int:
     fp16 = cfg.precision.params_dtype == "fp16"
     dynamic_scaling = fp16 and cfg.optim.loss_scale is None
     p = cfg.parallel
+    layout = (
+        f"packed rows {t.data.enc_row} / {t.data.dec_row} tokens (encoder / decoder), "
+        f"micro-batches of {cfg.micro_batch_size} rows"
+        if cfg.data.packing
+        else f"{t.data.num_microbatches} micro-batches of {cfg.micro_batch_size} per step"
+    )
     log.info(
-        "training %s: layout TP=%d PP=%d DP=%d, %d micro-batches of %d per step, steps %d -> %d",
+        "training %s: layout TP=%d PP=%d DP=%d, %s, steps %d -> %d",
         t.model_cfg.name,
         p.tensor_parallel,
         p.pipeline_parallel,
         t.dp_size,
-        t.data.num_microbatches,
-        cfg.micro_batch_size,
+        layout,
         state.step,
         cfg.train_steps,
     )
@@ -170,7 +177,7 @@ def train(cfg: TrainConfig) -> int:
                 scheduler=t.scheduler,
                 loss_averaging=cfg.optim.loss_averaging,
             )
-            samples, images, flops, failures, signalled = _global_counts(
+            samples, images, flops, useful, failures, signalled = _global_counts(
                 t, batch, stop.received is not None
             )
             overflow = dynamic_scaling and result.skipped == "non-finite gradients"
@@ -186,6 +193,7 @@ def train(cfg: TrainConfig) -> int:
                 samples=samples,
                 images=images,
                 flops=flops,
+                useful=useful,
                 step_time=time.perf_counter() - t0,
                 data_time=t_data,
                 loss_scale=t.optimizer.get_loss_scale().item() if fp16 else None,
