@@ -61,6 +61,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="back-ends to time (default: every one usable on CUDA; math on CPU, "
         "where flex compiles slowly and has no backward)",
     )
+    p.add_argument(
+        "--lengths",
+        default=None,
+        help="draw sample lengths: 'official' (the paper's token statistics), a dataset "
+        "directory / manifest.json, or KEY=P/T,... per-key means; --prompt-tokens / "
+        "--target-tokens are then the crop lengths (default: every sample full length)",
+    )
+    p.add_argument("--sigma", type=float, default=0.5, help="log-normal spread of --lengths")
+    p.add_argument(
+        "--text-only-translations",
+        action="store_true",
+        help="with --lengths: translations carry no image (default: every sample has one)",
+    )
+    p.add_argument(
+        "--packing",
+        choices=["off", "on", "both"],
+        default="off",
+        help="pack samples into rows as data.packing=true (micro-batch size then counts rows); "
+        "'both' runs padded and packed and prints the samples/s ratio",
+    )
+    p.add_argument(
+        "--pack-rows",
+        default=None,
+        help="packed row lengths ENCxDEC (default: the trainer's automatic rows)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -85,6 +110,18 @@ def _attention_main(args) -> int:
     if args.json:
         write_json(args.json, {"environment": environment(), "attention": rows})
     return 0
+
+
+def _pack_rows(text: str | None) -> tuple[int, int] | None:
+    from mmcap.config import ConfigError
+
+    if text is None:
+        return None
+    try:
+        e, d = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--pack-rows {text!r}: expected ENCxDEC, e.g. 360x184") from None
+    return e, d
 
 
 def main(argv=None) -> int:
@@ -122,6 +159,11 @@ def main(argv=None) -> int:
             warmup=args.warmup,
             recompute=args.recompute,
             peak_tflops=args.peak_tflops,
+            lengths=args.lengths,
+            sigma=args.sigma,
+            text_only_translations=args.text_only_translations,
+            packing=args.packing == "on",
+            pack_rows=_pack_rows(args.pack_rows),
         )
         init_process_group()
         check_layout(b)
@@ -130,7 +172,15 @@ def main(argv=None) -> int:
                 "--compare hf: the official-style model runs in one process; "
                 "launch without torchrun (world size 1)"
             )
+        if args.compare and (args.packing != "off" or args.lengths):
+            raise ConfigError("--compare hf runs fixed lengths, padded: drop --packing / --lengths")
         results = [run_mmcap_benchmark(b)]
+        if args.packing == "both":
+            import dataclasses
+
+            packed = run_mmcap_benchmark(dataclasses.replace(b, packing=True))
+            packed["impl"] = "mmcap-packed"
+            results.append(packed)
     except ConfigError as e:
         print(f"benchmark: configuration error: {e}", file=sys.stderr)
         return 2
@@ -153,7 +203,11 @@ def main(argv=None) -> int:
         print(throughput_table(results))
         if args.json:
             payload = {"environment": environment(), "config": b.__dict__, "results": results}
-            if len(results) == 2:
+            if len(results) == 2 and results[1]["impl"] == "mmcap-packed":
+                payload["ratio_packed_over_padded_samples_per_s"] = (
+                    results[1]["samples_per_s"] / results[0]["samples_per_s"]
+                )
+            elif len(results) == 2:
                 payload["ratio_mmcap_over_official"] = (
                     results[1]["step_time_s"] / results[0]["step_time_s"]
                 )

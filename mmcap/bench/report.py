@@ -56,6 +56,9 @@ def throughput_table(results: list[dict]) -> str:
         ("TFLOP/s per GPU", "tflops_per_gpu", ".4g"),
         ("MFU", "mfu", ".1%"),
         ("peak memory (GiB)", "peak_memory_gib", ".3g"),
+        ("micro-batches / rank", "num_microbatches", "d"),
+        ("useful tokens encoder", "useful_encoder", ".1%"),
+        ("useful tokens decoder", "useful_decoder", ".1%"),
         ("trainable params", "trainable_params", ",d"),
         ("total params", "total_params", ",d"),
     ]
@@ -79,6 +82,9 @@ def throughput_table(results: list[dict]) -> str:
     if "mmcap" in by and "hf-official-style" in by:
         ratio = by["hf-official-style"]["step_time_s"] / by["mmcap"]["step_time_s"]
         lines.append(f"throughput ratio mmcap / official-style: {ratio:.2f}x")
+    if "mmcap" in by and "mmcap-packed" in by:
+        ratio = by["mmcap-packed"]["samples_per_s"] / by["mmcap"]["samples_per_s"]
+        lines.append(f"samples/s ratio packed / padded: {ratio:.2f}x")
     return "\n".join(lines)
 
 

@@ -4,8 +4,11 @@ The model, DDP wrapper, megatron-core distributed optimizer and LR scheduler are
 trainer builds them (:mod:`mmcap.train.builder`: ``optimizer_config`` / ``build_scheduler``,
 :mod:`mmcap.train.step`: ``wrap_model`` / ``build_optimizer``), and each timed step is the
 trainer's :func:`mmcap.train.step.train_step`. Data are random token ids and images of the
-requested lengths (every sample full length, no padding, every sample with an image), so the
-FLOPs of the trainer's formula (:func:`mmcap.train.flops.batch_step_flops`) are exact.
+requested lengths (every sample full length, no padding, every sample with an image), or with
+``lengths`` drawn from a length model (official statistics, a dataset manifest or per-key
+means) and padded as the trainer pads or packed as ``data.packing`` packs
+(:mod:`mmcap.bench.synthetic`); the FLOPs of the trainer's formula
+(:func:`mmcap.train.flops.batch_step_flops`) are counted on the real lengths either way.
 
 Layout: launch with torchrun; ``tp`` x ``pp`` from the config, DP = the rest of the world.
 """
@@ -44,6 +47,12 @@ class BenchConfig:
         recompute: activation recompute (None, "selective", "full").
         peak_tflops: peak TFLOP/s per device for MFU (None = from the CUDA device name).
         seed: model init and data.
+        lengths: None (every sample prompt_tokens / target_tokens long), or "official", a
+            dataset directory / manifest, or "KEY=P/T,..." means: lengths drawn per key and
+            cropped to prompt_tokens / target_tokens.
+        sigma / text_only_translations: of the length model (:mod:`mmcap.bench.lengths`).
+        packing: pack the samples into rows (``micro_batch_size`` then counts rows).
+        pack_rows: (encoder, decoder) row lengths; None = the trainer's automatic rows.
     """
 
     preset: str = "debug-gemma"
@@ -61,6 +70,11 @@ class BenchConfig:
     recompute: str | None = None
     peak_tflops: float | None = None
     seed: int = 1234
+    lengths: str | None = None
+    sigma: float = 0.5
+    text_only_translations: bool = False
+    packing: bool = False
+    pack_rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "micro_batch_size", "num_microbatches", "steps"):
@@ -103,12 +117,20 @@ def build_bench_train_config(b: BenchConfig, dp: int):
         seed=b.seed,
     )
     cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=0, decay_style="constant")
-    cfg.num_microbatches(dp)  # the batch layout error names global_batch_size
+    if b.packing:
+        require(
+            cfg.global_batch_size % dp == 0,
+            "global_batch_size",
+            f"{cfg.global_batch_size} is not a multiple of the data-parallel size {dp}",
+        )
+    else:
+        cfg.num_microbatches(dp)  # the batch layout error names global_batch_size
     return cfg
 
 
 def synthetic_microbatches(model_cfg, b: BenchConfig, n: int, device, seed: int):
-    """``n`` micro-batches of random ids / images, every sample full length with an image."""
+    """``n`` micro-batches of random ids / images, every sample full length with an image
+    (the official-style comparison's data, :mod:`mmcap.bench.hf_reference`)."""
     from mmcap.model.stage_io import MicroBatch
 
     g = torch.Generator().manual_seed(seed)
@@ -201,7 +223,6 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     dp = parallel_state.get_data_parallel_world_size()
     cfg = build_bench_train_config(b, dp)
     model_cfg = cfg.model_config()
-    n_micro = cfg.num_microbatches(dp)
     device = current_device()
 
     chunks = build_model_chunks(model_cfg, cfg.parallel, cfg.precision, recompute=cfg.recompute)
@@ -209,7 +230,26 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     optimizer = build_optimizer(ddp, optimizer_config(cfg))
     scheduler = build_scheduler(cfg, optimizer)
     dp_rank = parallel_state.get_data_parallel_rank()
-    mbs = synthetic_microbatches(model_cfg, b, n_micro, device, seed=b.seed + dp_rank)
+    from mmcap.bench.synthetic import synthetic_batch
+
+    data = synthetic_batch(
+        model_cfg,
+        global_batch=cfg.global_batch_size,
+        dp=dp,
+        dp_rank=dp_rank,
+        micro_batch_size=b.micro_batch_size,
+        prompt_tokens=b.prompt_tokens,
+        target_tokens=b.target_tokens,
+        lengths=b.lengths,
+        sigma=b.sigma,
+        text_only_translations=b.text_only_translations,
+        packing=b.packing,
+        rows=b.pack_rows,
+        device=device,
+        seed=b.seed,
+        pipeline_parallel=b.pp,
+    )
+    mbs = data.microbatches
 
     def step():
         return train_step(
@@ -245,22 +285,31 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
 
     samples = cfg.global_batch_size
     flops = batch_step_flops(
-        model_cfg, [b.prompt_tokens] * samples, [b.target_tokens] * samples, [True] * samples
+        model_cfg, data.prompt_lengths, data.target_lengths, data.has_image
     )
     peak = b.peak_tflops if b.peak_tflops is not None else peak_tflops(dtype=b.precision)
     result = summarize(
         times,
         samples=samples,
-        images=samples,
-        target_tokens=samples * b.target_tokens,
+        images=int(data.has_image.sum()),
+        target_tokens=int(data.target_lengths.sum()),
         flops=flops,
         world_size=world,
         peak=peak,
     )
+    useful = [None] * world
+    dist.all_gather_object(useful, data.useful)
     result.update(
         impl="mmcap",
         layout={"tp": b.tp, "pp": b.pp, "dp": dp, "world_size": world},
-        num_microbatches=n_micro,
+        num_microbatches=len(mbs),
+        packing=b.packing,
+        pack_rows=data.rows,
+        lengths=b.lengths or f"fixed {b.prompt_tokens}/{b.target_tokens}",
+        useful_encoder=min(u[0] for u in useful),
+        useful_decoder=min(u[1] for u in useful),
+        mean_prompt_tokens=float(data.prompt_lengths.mean()),
+        mean_target_tokens=float(data.target_lengths.mean()),
         global_batch_size=samples,
         image_size=model_cfg.vision.image_size,
         num_image_tokens=model_cfg.vision.num_image_tokens,

@@ -4,9 +4,8 @@ A step's local batch (padded :class:`mmcap.data.collate.TokenBatch`, already cro
 configured lengths) is laid out in fixed-length rows: row ``r`` holds documents 0, 1, ... of
 a few samples, each sample's encoder part (``image tokens`` when it has an image, then its
 prompt) in the encoder row and its decoder part (decoder input and labels) in the decoder
-row, at the same document index, then padding. :func:`plan_rows` is first-fit decreasing on
-both lengths at once: samples sorted by decoder + encoder length (longest first, ties by
-index), each put in the first row where both parts fit, else a new row; within a row the
+row, at the same document index, then padding. :func:`plan_rows` fills one row at a time
+with the samples that best fill both sides (greedy, deterministic); within a row the
 documents keep the samples' batch order. The plan is a pure function of the batch, so the
 sampler state that determines the batch determines the packing, and exact resume holds.
 
@@ -31,41 +30,76 @@ def plan_rows(
 ) -> list[list[int]]:
     """Rows of sample indices (each ascending; rows ordered by their first sample).
 
+    Greedy row filling for the two lengths at once: a row is filled before the next opens, each
+    time with the remaining sample that fits both sides and maximises
+    ``e/E + d/D - |(free_e - e)/E - (free_d - d)/D|`` (large samples first, keeping the two
+    sides' free space balanced so neither fills up while the other is half empty; ties go to
+    the lowest index). On task-language balanced batches with the official length statistics
+    this fills ~93% of both sides where first-fit decreasing on e + d fills ~89%
+    (``tools/packing_report.py``; measured 2026-11-30).
+
     Args:
         enc_lens / dec_lens: per sample, encoder (image + prompt) and decoder tokens.
         enc_row / dec_row: row lengths; every sample must fit a row on its own.
     """
-    enc_lens, dec_lens = np.asarray(enc_lens, np.int64), np.asarray(dec_lens, np.int64)
-    if len(enc_lens) != len(dec_lens):
-        raise ValueError(f"{len(enc_lens)} encoder lengths for {len(dec_lens)} decoder lengths")
-    too_long = np.nonzero((enc_lens > enc_row) | (dec_lens > dec_row))[0]
+    enc = np.asarray(enc_lens, np.int64)
+    dec = np.asarray(dec_lens, np.int64)
+    if len(enc) != len(dec):
+        raise ValueError(f"{len(enc)} encoder lengths for {len(dec)} decoder lengths")
+    too_long = np.nonzero((enc > enc_row) | (dec > dec_row))[0]
     if len(too_long):
         i = int(too_long[0])
         raise ValueError(
-            f"sample {i} ({enc_lens[i]} encoder / {dec_lens[i]} decoder tokens) does not fit a "
+            f"sample {i} ({enc[i]} encoder / {dec[i]} decoder tokens) does not fit a "
             f"packed row of {enc_row} / {dec_row} tokens"
         )
-    n = len(enc_lens)
-    order = np.lexsort((np.arange(n), -(enc_lens + dec_lens)))  # longest first, stable
-    free_e = np.empty(n, np.int64)
-    free_d = np.empty(n, np.int64)
-    members: list[list[int]] = []
-    for i in order.tolist():
-        e, d = enc_lens[i], dec_lens[i]
-        k = len(members)
-        fits = np.flatnonzero((free_e[:k] >= e) & (free_d[:k] >= d))
-        if len(fits):
-            r = int(fits[0])
-            members[r].append(i)
-        else:
-            r = k
-            members.append([i])
-            free_e[r], free_d[r] = enc_row, dec_row
-        free_e[r] -= e
-        free_d[r] -= d
-    rows = [sorted(m) for m in members]
+    left = np.arange(len(enc))
+    rows: list[list[int]] = []
+    while len(left):
+        free_e, free_d = enc_row, dec_row  # integers: the fit test is exact
+        members = []
+        while len(left):
+            cand = left[(enc[left] <= free_e) & (dec[left] <= free_d)]
+            if not len(cand):
+                break
+            e, d = enc[cand] / enc_row, dec[cand] / dec_row
+            score = e + d - np.abs((free_e / enc_row - e) - (free_d / dec_row - d))
+            j = int(cand[np.argmax(score)])  # argmax: first (lowest index) of the ties
+            members.append(j)
+            free_e -= int(enc[j])
+            free_d -= int(dec[j])
+            left = left[left != j]
+        rows.append(sorted(members))
     rows.sort(key=lambda m: m[0])
     return rows
+
+
+# Automatic rows hold this many samples on average: measured on task-language balanced batches
+# of 1,024 with the official length statistics (tools/packing_report.py, 2026-11-30), 4 gives
+# 91% useful tokens on both sides (2: ~85%, 6: 92%); longer rows add little and cost memory.
+AUTO_SAMPLES_PER_ROW = 4
+
+
+def auto_row_lengths(
+    enc_mean: float,
+    dec_mean: float,
+    min_enc: int,
+    min_dec: int,
+    *,
+    dec_multiple: int = 8,
+    samples_per_row: float = AUTO_SAMPLES_PER_ROW,
+) -> tuple[int, int]:
+    """Row lengths that hold ``samples_per_row`` samples of the mean lengths and keep the two
+    sides in the data's encoder : decoder ratio (so neither side fills up first), never below
+    one longest sample (``min_enc`` / ``min_dec``). Encoder rounded up to 8, decoder to
+    ``dec_multiple``."""
+    if enc_mean <= 0 or dec_mean <= 0:
+        raise ValueError(f"mean lengths must be > 0, got {enc_mean}, {dec_mean}")
+    ratio = enc_mean / dec_mean
+    dec = max(min_dec, samples_per_row * dec_mean, min_enc / ratio)
+    dec = -(-int(np.ceil(dec)) // dec_multiple) * dec_multiple
+    enc = max(min_enc, int(np.ceil(dec * ratio)))
+    return -(-enc // 8) * 8, dec
 
 
 @dataclass

@@ -219,9 +219,12 @@ def split_packed_microbatches(
     pixels: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    allow_partial: bool = False,
 ) -> list[MicroBatch]:
     """Packed rows (:class:`mmcap.data.packing.PackedRows`) -> micro-batches of
-    ``micro_batch_size`` ROWS on ``device`` (the row count is a multiple of it).
+    ``micro_batch_size`` ROWS on ``device``: the row count is a multiple of it, or, with
+    ``allow_partial`` (no pipeline parallelism: no fixed p2p shape), the last micro-batch
+    holds the rest.
 
     Args:
         pixels / features: [B, ...] per sample of the local batch (as for
@@ -229,13 +232,13 @@ def split_packed_microbatches(
             the order of ``PackedDocs.image_index``.
     """
     rows = packed.num_rows
-    if micro_batch_size < 1 or rows % micro_batch_size:
+    if micro_batch_size < 1 or (rows % micro_batch_size and not allow_partial):
         raise ValueError(f"{rows} packed rows do not split into micro-batches of {micro_batch_size}")
     s_enc = packed.encoder_ids.shape[1]
     slot_row = packed.image_slots[:, 0]
     out = []
     for r0 in range(0, rows, micro_batch_size):
-        r1 = r0 + micro_batch_size
+        r1 = min(r0 + micro_batch_size, rows)
         sel = (slot_row >= r0) & (slot_row < r1)
         samples = torch.from_numpy(packed.image_samples[sel])
         slots = torch.from_numpy(packed.image_slots[sel])

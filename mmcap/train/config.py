@@ -135,10 +135,11 @@ class DataConfig:
             several to a fixed-length row on both sides, attention kept within each sample;
             ``micro_batch_size`` then counts ROWS and the number of micro-batches per step
             follows from how the samples pack. ``global_batch_size`` still counts samples.
-        packing_encoder_length: encoder row length (default image tokens + the prompt crop
-            length ``batch.max_prompt_tokens``; must be at least that).
-        packing_decoder_length: decoder row length (default the target crop length
-            ``batch.max_target_tokens``, rounded up to the padding multiple; at least that).
+        packing_encoder_length / packing_decoder_length: row lengths; null = automatic rows
+            that hold ~4 samples of the training data's mean lengths (under the sampling
+            target) in its encoder : decoder ratio, and at least one longest sample (image
+            tokens + ``batch.max_prompt_tokens`` / ``batch.max_target_tokens``). Given values
+            must be at least those; the decoder one a multiple of the padding multiple.
     """
 
     train: list[str] = field(default_factory=list)

@@ -82,11 +82,16 @@ class BatchSource:
         self.num_workers = d.num_workers
         self.packing = d.packing
         if d.packing:
-            self.enc_row, self.dec_row = packing_row_lengths(cfg, model_cfg, self.batch_cfg)
+            self.enc_row, self.dec_row = packing_row_lengths(
+                cfg, model_cfg, self.batch_cfg, self.datasets, self.sampler.cfg.target_weights()
+            )
             p = cfg.parallel
-            # The interleaved schedule wants whole groups of PP micro-batches.
+            # Pipeline stages exchange one fixed shape: whole micro-batches of rows (padded
+            # with empty rows), and the interleaved schedule wants groups of PP of them.
+            # Without PP the last micro-batch may be smaller.
             groups = p.pipeline_parallel if (p.virtual_pipeline_parallel or 1) > 1 else 1
-            self.row_multiple = cfg.micro_batch_size * groups
+            self.partial_microbatch = p.pipeline_parallel == 1
+            self.row_multiple = 1 if self.partial_microbatch else cfg.micro_batch_size * groups
         self._it = None
 
     def summary(self, train_steps: int, global_batch_size: int) -> list[str]:
@@ -164,6 +169,7 @@ class BatchSource:
                 pixels=batch.pixels,
                 features=batch.features,
                 device=current_device(),
+                allow_partial=self.partial_microbatch,
             )
             return mbs, batch
         b, lp = batch.tokens.encoder_input_ids.shape
@@ -191,16 +197,62 @@ class BatchSource:
             it.close()  # GeneratorExit inside iterate_batches frees its DataLoader iterator
 
 
-def packing_row_lengths(cfg: TrainConfig, model_cfg, batch_cfg) -> tuple[int, int]:
-    """(encoder, decoder) packed row lengths: the configured ones, else image tokens + prompt
-    crop / target crop (rounded up to the padding multiple); ConfigError when a row is
-    shorter than one sample may be, or breaks the sequence-parallel split."""
+def expected_lengths(
+    datasets, weights: dict[str, float], num_image_tokens: int, batch_cfg, limit: int = 1 << 20
+) -> tuple[float, float] | None:
+    """Mean (encoder, decoder) tokens of a sample under the sampling target ``weights``:
+    per key the mean cropped prompt (+ image tokens for entries with an image) and target
+    lengths of the data (at most ``limit`` evenly spaced entries per dataset), weighted by
+    the key's share. None when the data hold none of the keys."""
+    from mmcap.data.prompts import ALL_KEYS
+
+    sums: dict[int, np.ndarray] = {}
+    for ds in datasets:
+        n = len(ds)
+        rows = np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).astype(np.int64)
+        key = np.asarray(ds.entries["key"])[rows]
+        img = np.asarray(ds.entries["image"])[rows] >= 0
+        p = np.minimum(ds.prompts.lengths[rows], batch_cfg.max_prompt_tokens)
+        t = np.minimum(ds.targets.lengths[rows], batch_cfg.max_target_tokens)
+        enc = p + num_image_tokens * img
+        for k in np.unique(key).tolist():
+            m = key == k
+            acc = sums.setdefault(k, np.zeros(3))
+            acc += (m.sum(), enc[m].sum(), t[m].sum())
+    total_w = enc_mean = dec_mean = 0.0
+    for name, w in weights.items():
+        acc = sums.get(ALL_KEYS.index(name))
+        if acc is None or not acc[0]:
+            continue
+        total_w += w
+        enc_mean += w * acc[1] / acc[0]
+        dec_mean += w * acc[2] / acc[0]
+    if not total_w:
+        return None
+    return enc_mean / total_w, dec_mean / total_w
+
+
+def packing_row_lengths(
+    cfg: TrainConfig, model_cfg, batch_cfg, datasets=(), weights=None
+) -> tuple[int, int]:
+    """(encoder, decoder) packed row lengths: the configured ones, else automatic rows
+    (:func:`mmcap.data.packing.auto_row_lengths`: ~4 samples of the data's mean lengths per
+    row, in the data's encoder : decoder ratio, at least one longest sample); ConfigError
+    when a row is shorter than one sample may be, or breaks the sequence-parallel split."""
+    from mmcap.data.packing import auto_row_lengths
+
     d = cfg.data
     need_enc = model_cfg.vision.num_image_tokens + batch_cfg.max_prompt_tokens
     m = batch_cfg.pad_multiple
     need_dec = batch_cfg.max_target_tokens
-    enc = d.packing_encoder_length or need_enc
-    dec = d.packing_decoder_length or -(-need_dec // m) * m
+    auto_enc, auto_dec = need_enc, -(-need_dec // m) * m
+    means = expected_lengths(
+        datasets, weights or {}, model_cfg.vision.num_image_tokens, batch_cfg
+    ) if datasets else None
+    if means is not None:
+        auto_enc, auto_dec = auto_row_lengths(*means, need_enc, need_dec, dec_multiple=m)
+    enc = d.packing_encoder_length or auto_enc
+    dec = d.packing_decoder_length or auto_dec
     if enc < need_enc:
         raise ConfigError(
             f"data.packing_encoder_length: {enc} is shorter than one sample's encoder part "

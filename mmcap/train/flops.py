@@ -256,6 +256,7 @@ def step_flops(
     *,
     count_vision: bool = True,
     dense_attention: bool = False,
+    attention: bool = True,
 ) -> float:
     """Training (forward + backward) model FLOPs of ONE sample; formula in the module docstring.
 
@@ -265,10 +266,15 @@ def step_flops(
         count_vision: False when the image tokens come precomputed from a feature cache (the
             tower does not run in the step; the image tokens still enter the encoder).
         dense_attention: as :func:`forward_flop_terms`.
+        attention: False counts the linear layers only (no QK^T / AV): the cost of padding
+            tokens in packed rows, which document-masked varlen attention skips.
     """
     terms = forward_flop_terms(
         model_cfg, prompt_tokens, target_tokens, with_image, dense_attention=dense_attention
     )
+    if not attention:
+        for k in ("encoder.attention", "decoder.self_attention.core", "decoder.cross_attention.core"):
+            terms[k] = 0.0
     train = model_cfg.trainable
     vision = terms["vision"] * (3 if train.vision else 1) if count_vision else 0.0
 

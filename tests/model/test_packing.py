@@ -101,7 +101,7 @@ def test_no_information_crosses_documents(model_and_cfg):
     assert not torch.equal(a[victim_tokens], b[victim_tokens])
 
 
-def test_plan_rows_first_fit_decreasing():
+def test_plan_rows():
     rows = plan_rows(np.array([5, 5, 2, 9, 1]), np.array([3, 8, 2, 1, 6]), 10, 10)
     assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
     for r in rows:
@@ -110,5 +110,7 @@ def test_plan_rows_first_fit_decreasing():
         assert r == sorted(r)
     assert rows == sorted(rows, key=lambda r: r[0])
     assert plan_rows(np.array([5, 5, 2, 9, 1]), np.array([3, 8, 2, 1, 6]), 10, 10) == rows
+    # Balanced filling: an encoder-heavy and a decoder-heavy sample share a row.
+    assert plan_rows(np.array([8, 8, 2, 2]), np.array([2, 2, 8, 8]), 10, 10) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError, match="sample 1 .* does not fit"):
         plan_rows(np.array([1, 11]), np.array([1, 1]), 10, 10)
