@@ -4,8 +4,10 @@
 # `make gpu-wheels`), build csrc/ if it holds extensions, run the gpu-marked tests, then the
 # training benchmark (florence-gemma-2-large, 224 px, 128/128 tokens, mmcap vs --compare hf;
 # florence-gemma-2-xlarge on one GPU), the attention back-ends (Gemma-2 2B / 9B shapes) and the
-# image-decode benchmark. Every table and JSON goes to the output folder; each stage has a time
-# limit: together at most 8 minutes, plus up to 2 minutes for a csrc/ build when it has sources.
+# image-decode benchmark; with MMCAP_GPU_CHECK_PACKING=1 also padded vs packed training.
+# Every table and JSON goes to the output folder; each stage has a time limit: together at
+# most 8 minutes, plus up to 2 minutes for a csrc/ build when it has sources (the optional
+# XLARGE / PACKING stages add theirs).
 #
 #   tools/gpu_check.sh [--dry-run] [--out DIR]      (DIR defaults to $OUT, else gpu_check_out)
 #
@@ -87,6 +89,15 @@ run train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-
 if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
   run train-xlarge 240 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
     --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
+fi
+
+# 4b. Sequence packing (data.packing): padded vs packed samples/s on the official length
+#     statistics (task-language balanced), florence-gemma-2-large. Two model builds: with
+#     MMCAP_GPU_CHECK_PACKING=1 (e.g. a second call, `MMCAP_GPU_CHECK_PACKING=1 tools/gpu_check.sh`).
+if [ "${MMCAP_GPU_CHECK_PACKING:-0}" = 1 ]; then
+  run train-packing 150 "${BENCH[@]}" --preset florence-gemma-2-large --lengths official \
+    --global-batch-size 128 --micro-batch-size 8 --packing both --steps 3 --warmup 1 \
+    --json "$OUT_DIR/train_packing.json"
 fi
 
 # 5. Attention back-ends, Gemma-2 2B and 9B calls.

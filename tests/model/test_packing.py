@@ -114,3 +114,36 @@ def test_plan_rows():
     assert plan_rows(np.array([8, 8, 2, 2]), np.array([2, 2, 8, 8]), 10, 10) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError, match="sample 1 .* does not fit"):
         plan_rows(np.array([1, 11]), np.array([1, 1]), 10, 10)
+
+
+def test_packed_feature_cache_equals_pixels(model_and_cfg):
+    """Cached vision features (image_tokens per image) give the packed losses of the pixels."""
+    from mmcap.model.stage_io import split_packed_microbatches
+
+    model, cfg = model_and_cfg
+    samples = random_samples(cfg, N, seed=4)
+    rows, mbs = pack(samples, cfg, rows_per_mb=2, **_rows(cfg))
+    with torch.no_grad():
+        features = model.vision(samples.pixels)  # [N, n, d]: the cache holds one per sample
+        want = torch.cat([run_microbatch(model, mb) for mb in mbs])
+        cached = split_packed_microbatches(
+            rows, 2, num_image_tokens=cfg.vision.num_image_tokens, features=features
+        )
+        assert all(mb.pixel_values is None for mb in cached)
+        got = torch.cat([run_microbatch(model, mb) for mb in cached])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_partial_last_microbatch():
+    from mmcap.model.stage_io import split_packed_microbatches
+
+    cfg = _cfg("debug-florence")
+    rows, _ = pack(random_samples(cfg, N, seed=0), cfg, rows_per_mb=1, **_rows(cfg))
+    assert rows.num_rows % 2 == 1, "the case needs an odd row count"
+    with pytest.raises(ValueError, match="do not split"):
+        split_packed_microbatches(rows, 2, num_image_tokens=cfg.vision.num_image_tokens)
+    mbs = split_packed_microbatches(
+        rows, 2, num_image_tokens=cfg.vision.num_image_tokens, allow_partial=True
+    )
+    assert [mb.decoder_input_ids.shape[0] for mb in mbs][-1] == 1
+    assert sum(mb.decoder_input_ids.shape[0] for mb in mbs) == rows.num_rows

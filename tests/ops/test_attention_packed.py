@@ -147,3 +147,39 @@ def test_te_is_not_chosen_for_packed_calls_and_inputs_are_checked():
         attention(q, k, v, softmax_scale=1.0, causal=True, doc_ids=(doc[:, :5], doc))
     with pytest.raises(ValueError, match="integer"):
         attention(q, k, v, softmax_scale=1.0, causal=True, doc_ids=(doc.float(), doc))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self_causal_window", "cross"])
+def test_gpu_packed_backend_matches_math_bf16(backend, cross):
+    """flash (varlen over the documents) and flex (document block mask) on packed rows of
+    Gemma-2-like heads, against math in bf16 and float64 (STYLE.md tolerance rule)."""
+    from tests.ops.test_attention import _assert_grads_rule, assert_tolerance_rule
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dec = [[100, 37, 250, 60], [300, 200], [20, 20, 20, 20, 20]]
+    enc = [[80, 50, 120, 64], [170, 190], [40, 41, 42, 43, 44]]
+    s_q = 512
+    s_k = 512 if not cross else 384
+    q_doc = _doc_ids(dec, s_q).cuda()
+    kv_doc = q_doc if not cross else _doc_ids(enc, s_k).cuda()
+    q, k, v = (
+        t.cuda().to(torch.bfloat16).requires_grad_()
+        for t in _qkv(3, s_q, s_k, 8, 4, 128, seed=3)
+    )
+    kw = dict(causal=False) if cross else dict(causal=True, window=64, softcap=50.0)
+    ids = (q_doc, kv_doc)
+    try:
+        select_backend(q, k, v, doc_ids=ids, backend=backend, **kw)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    scale = 128**-0.5
+    out = attention(q, k, v, softmax_scale=scale, doc_ids=ids, backend=backend, **kw)
+    low = attention(q, k, v, softmax_scale=scale, doc_ids=ids, backend="math", **kw)
+    ref = attention_ref(q, k, v, softmax_scale=scale, doc_ids=ids, upcast=True, **kw)
+    assert_tolerance_rule(out, low, ref, what=f"{backend} packed")
+    _assert_grads_rule(out, low, ref, (q, k, v), f"{backend} packed")
+    pad = q_doc < 0
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
