@@ -4,7 +4,7 @@
     python tools/eval_downstream.py --ckpt DIR --data-root EVAL_ROOT --out OUT \
         [--tasks full|caption|translation|ambiguity|en_caption|TASK,...] [--use-prefix]
         [--input-res 768] [--beams 4] [--batch-size 8] [--official-multi30k-bleu]
-        [--comet-model PATH] [--no-meteor] [--limit N]
+        [--comet-model PATH] [--no-meteor] [--meteor-jar JAR] [--limit N]
 
 ``--ckpt``: an mmcap checkpoint (fresh conversion or training checkpoint; pass
 ``--bart-tokenizer`` / ``--gemma-tokenizer`` for the latter) or an exported HF directory.
@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                     help="Multi30K captioning SacreBLEU as the official code (first 5 hypotheses)")
     ap.add_argument("--comet-model", default=None, help="local COMET checkpoint (unbabel-comet)")
     ap.add_argument("--no-meteor", action="store_true", help="skip pycocoevalcap METEOR")
+    ap.add_argument("--meteor-jar", default=None,
+                    help="official meteor-1.5.jar (with data/) for the official METEOR")
     ap.add_argument("--limit", type=int, default=None, help="first N samples per task")
     ap.add_argument("--bart-tokenizer", default=None, help="BART tokenizer dir (training ckpt)")
     ap.add_argument("--gemma-tokenizer", default=None, help="Gemma tokenizer.model (training ckpt)")
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         opts = DownstreamOptions(
             data_root=args.data_root, out=args.out, tasks=args.tasks, batch_size=args.batch_size,
             official_multi30k_bleu=args.official_multi30k_bleu, meteor=not args.no_meteor,
-            comet_model=args.comet_model, limit=args.limit,
+            comet_model=args.comet_model, limit=args.limit, meteor_jar=args.meteor_jar,
         )
         cfg = generation_config(args.beams, args.max_new_tokens, args.text_rows_only)
         model = load_downstream_model(

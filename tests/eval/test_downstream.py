@@ -9,6 +9,7 @@ import gzip
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from mmcap.eval.downstream import TASK_SETS, DatasetMissingError, select_tasks
 from mmcap.eval.downstream import datasets as ds
 from mmcap.eval.downstream.runner import DownstreamOptions, run_downstream
 from mmcap.eval.downstream.scoring import score_task, xm3600_tokenize
+from mmcap.eval.downstream_metrics import java_available
 from mmcap.testing.downstream_data import write_downstream_datasets
 
 SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
@@ -83,7 +85,8 @@ def test_metrics_equal_the_packages():
     per_image = [list(r) for r in zip(*REFS)]
     got = score_task("translation", "en", SYS, [[r] for r in REFS[0]], SYS)
     assert got["SacreBLEU"] == sacrebleu.corpus_bleu(SYS, [REFS[0]]).score
-    assert got["skipped_metrics"] == {"COMET": "no --comet-model given"}
+    assert got["skipped_metrics"]["COMET"] == "no --comet-model given"
+    assert got["skipped_metrics"]["METEOR"].startswith("no --meteor-jar")
     zh = score_task("translation", "zh", ["今天天气很好"], [["今天天气不错"]])
     assert zh["SacreBLEU"] == sacrebleu.corpus_bleu(["今天天气很好"], [["今天天气不错"]],
                                                     tokenize="zh").score
@@ -137,8 +140,24 @@ def test_comet_runs_only_when_installed_and_given(monkeypatch, tmp_path):
     monkeypatch.setattr(scoring, "comet_available", lambda: True)
     got = score_task("translation", "de", ["ein Hund"], [["der Hund"]], ["a dog"],
                      comet_model=str(tmp_path))
-    assert got["COMET"] == 25.0 and "skipped_metrics" not in got
+    assert got["COMET"] == 25.0 and "COMET" not in got["skipped_metrics"]
     assert calls == [str(tmp_path), [{"src": "a dog", "mt": "ein Hund", "ref": "der Hund"}]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not java_available(), reason="METEOR needs Java")
+def test_official_meteor_jar_groups_references_per_hypothesis():
+    """The jar shipped with pycocoevalcap (English paraphrases only; ~20 s JVM + tables)."""
+    from pycocoevalcap.meteor import meteor
+
+    jar = str(Path(meteor.__file__).parent / "meteor-1.5.jar")
+    refs = [["a dog runs on the grass", "a brown dog running"],
+            ["two cats sleep on a sofa", "cats sleeping"]]
+    hyps = ["a dog runs on the grass", "two cats sleep on a sofa"]
+    # With the references grouped wrongly (by stream), the second hypothesis would have no
+    # exact match and the score would be far lower.
+    got = score_task("multi30k_caption", "en", hyps, refs, meteor=False, meteor_jar=jar)
+    assert got["METEOR"] > 90
 
 
 class _StubScorer:

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 RESULTS_JSON = "eval_results.json"
 RESULTS_MD = "eval_results.md"
-TABLE_METRICS = ("SacreBLEU", "COMET", "BLEU_4", "CIDEr", "cocoMETEOR", "XM3600_CIDEr", "accuracy")
+TABLE_METRICS = (
+    "SacreBLEU", "COMET", "METEOR", "BLEU_4", "CIDEr", "cocoMETEOR", "XM3600_CIDEr", "accuracy"
+)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class DownstreamOptions:
     comet_model: local COMET checkpoint (``.../checkpoints/model.ckpt``); COMET needs
         ``unbabel-comet`` too.
     limit: evaluate only the first ``limit`` samples of each task (smoke runs; None = all).
+    meteor_jar: the official METEOR 1.5 jar (with its ``data/``) for the official ``METEOR``
+        of translation and Multi30K captioning; None = skipped with a message.
     """
 
     data_root: Path
@@ -64,6 +68,7 @@ class DownstreamOptions:
     meteor: bool = True
     comet_model: str | None = None
     limit: int | None = None
+    meteor_jar: str | None = None
 
     def __post_init__(self) -> None:
         self.data_root, self.out = Path(self.data_root), Path(self.out)
@@ -75,6 +80,8 @@ class DownstreamOptions:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if self.comet_model is not None and not Path(self.comet_model).exists():
             raise FileNotFoundError(f"--comet-model {self.comet_model} does not exist")
+        if self.meteor_jar is not None and not Path(self.meteor_jar).is_file():
+            raise FileNotFoundError(f"--meteor-jar {self.meteor_jar} does not exist")
         select_tasks(self.tasks)  # unknown names fail here
 
 
@@ -116,7 +123,8 @@ def _load_cache(path: Path, task: Task, settings: dict, ids: list[str]) -> dict:
             f"prediction cache {path} was made with other settings {diff} (cached, now); "
             "use another --out or delete the file"
         )
-    if got_ids != ids[: len(got_ids)]:
+    n = min(len(got_ids), len(ids))  # a cache of a longer run (--limit) serves a shorter one
+    if got_ids[:n] != ids[:n]:
         raise ValueError(f"prediction cache {path}: its samples are not this dataset's; delete it")
     return {**empty, **cache}
 
@@ -183,7 +191,7 @@ def evaluate_task(task: Task, model, opts: DownstreamOptions, settings: dict) ->
     metrics = score_task(
         task.metric, task.lang, preds, [list(s.references) for s in samples],
         [s.source for s in samples], official_multi30k_bleu=opts.official_multi30k_bleu,
-        meteor=opts.meteor, comet_model=opts.comet_model,
+        meteor=opts.meteor, comet_model=opts.comet_model, meteor_jar=opts.meteor_jar,
     )
     return {**head, "empty_predictions": empty, **metrics}
 

@@ -15,6 +15,11 @@
   (model downloads); here words are split on white space and Chinese / Japanese / Thai text
   is split into characters, so zh (and slightly other) numbers differ from the paper's.
 - ``ambiguity``: ``accuracy`` (%), correct translation with the lower mean token CE.
+- ``METEOR`` (translation and Multi30K captioning, languages cz / de / en / es / fr): the
+  official call of the METEOR 1.5 jar (``-l LANG``, ``-norm`` for en / de / fr / es, ``-r N``
+  for N references per hypothesis) when ``meteor_jar`` is given: the full meteor-1.5
+  distribution (its ``data/`` holds the paraphrase tables; pycocoevalcap's copy has English
+  only).
 
 Skipped metrics are listed under ``"skipped_metrics"`` with the reason.
 """
@@ -23,8 +28,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import string
+import subprocess
+import tempfile
 import unicodedata
+from pathlib import Path
 
 import torch
 
@@ -76,6 +85,35 @@ def xm3600_cider(hypotheses: list[str], references: list[list[str]]) -> float:
     return Cider().compute_score(gts, res)[0] * 100
 
 
+METEOR_LANGS = ("cz", "de", "en", "es", "fr")  # the official eval's METEOR languages
+
+
+def meteor_jar_score(hypotheses: list[str], references: list[list[str]], lang: str,
+                     jar: str) -> float:
+    """METEOR 1.5 (x100) as the official ``meteor_eval``: every hypothesis's references on
+    consecutive lines, ``-r N``, ``-l lang`` (+ ``-norm``); RuntimeError with the jar's
+    output when it reports no score."""
+    counts = {len(r) for r in references}
+    if len(counts) != 1 or len(references) != len(hypotheses):
+        raise ValueError(f"METEOR: {len(hypotheses)} hypotheses, reference counts {sorted(counts)}")
+    hyp_lines = [h.replace("\n", " ") for h in hypotheses]
+    ref_lines = [r.replace("\n", " ") for rs in references for r in rs]
+    with tempfile.TemporaryDirectory() as d:
+        hyp, ref = Path(d) / "hyp.txt", Path(d) / "ref.txt"
+        hyp.write_text("".join(f"{x}\n" for x in hyp_lines), encoding="utf-8")
+        ref.write_text("".join(f"{x}\n" for x in ref_lines), encoding="utf-8")
+        cmd = ["java", "-Xmx2G", "-jar", str(jar), str(hyp), str(ref), "-l", lang]
+        if lang in ("en", "de", "fr", "es"):
+            cmd.append("-norm")
+        if counts != {1}:
+            cmd += ["-r", str(counts.pop())]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Final score:\s+([\d.]+)", res.stdout)
+    if m is None:
+        raise RuntimeError(f"METEOR ({jar}, -l {lang}) gave no score: {res.stderr[-800:]}")
+    return float(m.group(1)) * 100
+
+
 def comet_available() -> bool:
     return importlib.util.find_spec("comet") is not None
 
@@ -100,6 +138,7 @@ def score_task(
     official_multi30k_bleu: bool = False,
     meteor: bool = True,
     comet_model: str | None = None,
+    meteor_jar: str | None = None,
 ) -> dict:
     """The metrics of one task (see the module docstring); ``"skipped_metrics"`` says what was
     left out and why."""
@@ -131,6 +170,13 @@ def score_task(
         out["XM3600_CIDEr"] = xm3600_cider(predictions, references)
     else:
         raise ValueError(f"unknown metric family {metric!r}")
+    if metric in ("translation", "multi30k_caption") and lang in METEOR_LANGS:
+        if meteor_jar is None:
+            skipped["METEOR"] = "no --meteor-jar (the official meteor-1.5.jar with its data/)"
+        elif not dm.java_available():
+            skipped["METEOR"] = "no Java"
+        else:
+            out["METEOR"] = meteor_jar_score(predictions, references, lang, meteor_jar)
     for name, why in skipped.items():
         log.warning("%s: %s skipped (%s)", lang, name, why)
     if skipped:
