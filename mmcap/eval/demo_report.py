@@ -59,8 +59,11 @@ def plot_loss_curve(metrics: str | Path, out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train loss", color="0.4", lw=1)
     for split in SPLIT_ORDER[:3]:
-        pts = [(s, r[f"eval/{split}"]) for s, r in sorted(steps.items())
-               if _finite(r.get(f"eval/{split}"))]
+        pts = [
+            (s, r[f"eval/{split}"])
+            for s, r in sorted(steps.items())
+            if _finite(r.get(f"eval/{split}"))
+        ]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=f"validation CE {split}")
     ax.set_xlabel("step")
@@ -105,8 +108,14 @@ def _save(fig, plt, out) -> Path:
 
 
 def held_out_captions(
-    ckpt, *, bart_tokenizer=None, gemma_tokenizer=None, langs=LANGS, beams: int = 4,
-    max_new_tokens: int = 48, demo_dir: str | Path | None = None,
+    ckpt,
+    *,
+    bart_tokenizer=None,
+    gemma_tokenizer=None,
+    langs=LANGS,
+    beams: int = 4,
+    max_new_tokens: int = 48,
+    demo_dir: str | Path | None = None,
 ) -> list[dict]:
     """One record per held-out image x language x prefix: ``{"image", "lang", "seen",
     "prefix", "caption", "reference"}`` (``caption`` is the text after the prefix)."""
@@ -121,10 +130,16 @@ def held_out_captions(
     for lang in langs:
         for prefix in (False, True):
             for im, text in zip(images, caption(pipe, paths, lang, prefix, cfg), strict=True):
-                rows.append({
-                    "image": im.key, "lang": lang, "seen": lang in TRAIN_CAPTION_LANGS,
-                    "prefix": prefix, "caption": text, "reference": im.caption.get(lang),
-                })
+                rows.append(
+                    {
+                        "image": im.key,
+                        "lang": lang,
+                        "seen": lang in TRAIN_CAPTION_LANGS,
+                        "prefix": prefix,
+                        "caption": text,
+                        "reference": im.caption.get(lang),
+                    }
+                )
     return rows
 
 
@@ -133,16 +148,22 @@ def captions_markdown(rows: list[dict]) -> str:
     (shown in brackets), and the reference where the demo texts have one."""
     out = []
     for key in dict.fromkeys(r["image"] for r in rows):
-        out += [f"### {key}", "", "| lang | no prefix | with prefix | reference |",
-                "|---|---|---|---|"]
+        out += [
+            f"### {key}",
+            "",
+            "| lang | no prefix | with prefix | reference |",
+            "|---|---|---|---|",
+        ]
         mine = [r for r in rows if r["image"] == key]
         for lang in dict.fromkeys(r["lang"] for r in mine):
             plain = next(r for r in mine if r["lang"] == lang and not r["prefix"])
             pref = next(r for r in mine if r["lang"] == lang and r["prefix"])
             seen = "seen" if plain["seen"] else "unseen"
             cells = [
-                f"{lang} ({seen})", plain["caption"] or "(empty)",
-                f"[{ZERO_SHOT_PREFIXES[lang]}] {pref['caption']}", plain["reference"] or "-",
+                f"{lang} ({seen})",
+                plain["caption"] or "(empty)",
+                f"[{ZERO_SHOT_PREFIXES[lang]}] {pref['caption']}",
+                plain["reference"] or "-",
             ]
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         out.append("")
@@ -150,8 +171,9 @@ def captions_markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--bart-tokenizer", default=None)
     ap.add_argument("--gemma-tokenizer", default=None)
@@ -165,11 +187,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         rows = held_out_captions(
-            args.ckpt, bart_tokenizer=args.bart_tokenizer, gemma_tokenizer=args.gemma_tokenizer,
-            beams=args.beams, max_new_tokens=args.max_new_tokens,
+            args.ckpt,
+            bart_tokenizer=args.bart_tokenizer,
+            gemma_tokenizer=args.gemma_tokenizer,
+            beams=args.beams,
+            max_new_tokens=args.max_new_tokens,
         )
-        (out / "captions.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False),
-                                           encoding="utf-8")
+        (out / "captions.json").write_text(
+            json.dumps(rows, indent=1, ensure_ascii=False), encoding="utf-8"
+        )
         md = captions_markdown(rows)
         (out / "captions.md").write_text(md, encoding="utf-8")
         plot_loss_curve(args.metrics, out / "loss_curve.png")

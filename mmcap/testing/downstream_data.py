@@ -14,14 +14,15 @@ from PIL import Image
 
 from mmcap.eval.downstream.datasets import COMMUTE_LANGS, MULTI30K_TASK1_SPLITS, XM3600_LANGS
 
-WORDS = {
-    "en": "a dog cat man woman runs sits on the grass street red blue small big".split(),
-    "de": "ein hund katze mann frau läuft sitzt auf dem gras straße rot blau klein".split(),
-    "fr": "un chien chat homme femme court assis sur la herbe rue rouge bleu petit".split(),
-    "es": "un perro gato hombre mujer corre sentado en la hierba calle rojo azul".split(),
-    "ru": "собака кошка мужчина женщина бежит сидит на траве улице красный синий".split(),
-    "zh": "一只 狗 猫 男人 女人 在 草地 上 跑 坐 街道 红色 蓝色 小".split(),
+_WORDS = {
+    "en": "a dog cat man woman runs sits on the grass street red blue small big",
+    "de": "ein hund katze mann frau läuft sitzt auf dem gras straße rot blau klein",
+    "fr": "un chien chat homme femme court assis sur la herbe rue rouge bleu petit",
+    "es": "un perro gato hombre mujer corre sentado en la hierba calle rojo azul",
+    "ru": "собака кошка мужчина женщина бежит сидит на траве улице красный синий",
+    "zh": "一只 狗 猫 男人 女人 在 草地 上 跑 坐 街道 红色 蓝色 小",
 }
+WORDS = {lang: text.split() for lang, text in _WORDS.items()}
 
 
 def _text(rng: random.Random, lang: str) -> str:
@@ -66,14 +67,19 @@ def write_multi30k(root: Path, n: int, rng: random.Random) -> None:
                 names.append(name)
         _txt(base / "data/task1/image_splits" / f"{split}.txt", names)
         for lang in ("en", "de", "fr"):
-            _gz(base / "data/task1/raw" / f"{split}.{lang}.gz", [_text(rng, lang) for _ in range(n)])
+            _gz(
+                base / "data/task1/raw" / f"{split}.{lang}.gz", [_text(rng, lang) for _ in range(n)]
+            )
     names = [f"t2_{i}.jpg" for i in range(n)]
     for name in names:
         _image(base / "flickr30k-images" / name, rng.randrange(1 << 30))
     _txt(base / "data/task2/image_splits/test_2016_images.txt", names)
     for k in range(1, 6):
         for lang in ("en", "de"):
-            _gz(base / "data/task2/raw" / f"test_2016.{k}.{lang}.gz", [_text(rng, lang) for _ in range(n)])
+            _gz(
+                base / "data/task2/raw" / f"test_2016.{k}.{lang}.gz",
+                [_text(rng, lang) for _ in range(n)],
+            )
 
 
 def write_xm3600(root: Path, n: int, rng: random.Random) -> None:

@@ -19,18 +19,33 @@ from tools.convert_from_hf import main as convert_from_hf
 
 def _metrics(path):
     lines = [{"step": s, "loss": 7.0 - s / 50, "lr": 1e-3} for s in range(25, 301, 25)]
-    lines += [{"step": s, "eval/SC": 6 - s / 100, "eval/UC": 6.5 - s / 200, "eval/ST": 5.5 - s / 90}
-              for s in (50, 100, 150, 200, 250, 300)]
+    lines += [
+        {"step": s, "eval/SC": 6 - s / 100, "eval/UC": 6.5 - s / 200, "eval/ST": 5.5 - s / 90}
+        for s in (50, 100, 150, 200, 250, 300)
+    ]
     lines.append({"step": 150, "loss": 4.0})  # the resumed job logs step 150 again: later wins
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
 
 def _ce(path):
-    keys = {k: {"ce": 3.0 + i / 4, "samples": 6, "tokens": 60} for i, k in enumerate(
-        ["caption-de", "caption-en", "caption-es", "caption-zh", "translation-es", "translation-zh"])}
-    splits = {s: {"ce": 3.2 + i / 3, "samples": 12, "tokens": 120, "keys": []}
-              for i, s in enumerate(["SC", "UC", "ST", "mean"])}
+    keys = {
+        k: {"ce": 3.0 + i / 4, "samples": 6, "tokens": 60}
+        for i, k in enumerate(
+            [
+                "caption-de",
+                "caption-en",
+                "caption-es",
+                "caption-zh",
+                "translation-es",
+                "translation-zh",
+            ]
+        )
+    }
+    splits = {
+        s: {"ce": 3.2 + i / 3, "samples": 12, "tokens": 120, "keys": []}
+        for i, s in enumerate(["SC", "UC", "ST", "mean"])
+    }
     path.write_text(json.dumps({"splits": splits, "keys": keys, "samples": []}))
     return path
 
@@ -39,13 +54,39 @@ def test_report_writes_captions_and_plots(tmp_path, capsys, single_rank_parallel
     tiny_florence2(0, image_token_id=999).save_pretrained(tmp_path / "florence")
     build_tiny_bart_tokenizer(tmp_path / "florence")
     gtok = build_tiny_gemma_tokenizer(tmp_path / "gemma_tok")
-    assert convert_from_hf(["--florence", str(tmp_path / "florence"), "--gemma-tokenizer",
-                            str(gtok), "--image-size", "64", "--out", str(tmp_path / "ck")]) == 0
+    assert (
+        convert_from_hf(
+            [
+                "--florence",
+                str(tmp_path / "florence"),
+                "--gemma-tokenizer",
+                str(gtok),
+                "--image-size",
+                "64",
+                "--out",
+                str(tmp_path / "ck"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "report"
-    rc = main(["--ckpt", str(tmp_path / "ck"), "--metrics", str(_metrics(tmp_path / "m.jsonl")),
-               "--ce", str(_ce(tmp_path / "ce.json")), "--out", str(out), "--beams", "1",
-               "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "--ckpt",
+            str(tmp_path / "ck"),
+            "--metrics",
+            str(_metrics(tmp_path / "m.jsonl")),
+            "--ce",
+            str(_ce(tmp_path / "ce.json")),
+            "--out",
+            str(out),
+            "--beams",
+            "1",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     assert rc == 0
     held_out = [im for im in load_demo_texts()[0] if im.split == "eval"]
     rows = json.loads((out / "captions.json").read_text())

@@ -35,7 +35,10 @@ def root(tmp_path_factory):
 
 def test_task_sets_are_the_official_ones():
     assert [len(TASK_SETS[k]) for k in ("translation", "caption", "ambiguity", "en_caption")] == [
-        12, 9, 4, 3
+        12,
+        9,
+        4,
+        3,
     ]
     assert [t.name for t in TASK_SETS["full"]] == [
         t.name for k in ("translation", "caption", "ambiguity") for t in TASK_SETS[k]
@@ -63,7 +66,9 @@ def test_readers_follow_the_official_layouts(root):
 
 
 def test_bad_annotations_name_the_file(tmp_path):
-    with pytest.raises(DatasetMissingError, match=r"missing file .*task1/raw/test_2018_flickr.en.gz"):
+    with pytest.raises(
+        DatasetMissingError, match=r"missing file .*task1/raw/test_2018_flickr.en.gz"
+    ):
         ds.multi30k_task1(tmp_path, "test_2018_flickr", "fr")
     d = tmp_path / "CoMMuTE/CoMMuTE/en-de"
     d.mkdir(parents=True)
@@ -72,8 +77,9 @@ def test_bad_annotations_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"different line counts .*incorrect.de: 2"):
         ds.commute(tmp_path, "de")
     (tmp_path / "xm3600").mkdir()
-    (tmp_path / "xm3600/captions.jsonl").write_text('{"image/key": "a", "de": {"caption": ["x"]}}\n'
-                                                    '{"image/key": "b"}\n')
+    (tmp_path / "xm3600/captions.jsonl").write_text(
+        '{"image/key": "a", "de": {"caption": ["x"]}}\n{"image/key": "b"}\n'
+    )
     with pytest.raises(ValueError, match=r"captions.jsonl:2: field 'de.caption'"):
         ds.xm3600(tmp_path, "de")
 
@@ -82,18 +88,27 @@ def test_metrics_equal_the_packages():
     import sacrebleu
     from pycocoevalcap.cider.cider import Cider
 
-    per_image = [list(r) for r in zip(*REFS)]
     got = score_task("translation", "en", SYS, [[r] for r in REFS[0]], SYS)
     assert got["SacreBLEU"] == sacrebleu.corpus_bleu(SYS, [REFS[0]]).score
     assert got["skipped_metrics"]["COMET"] == "no --comet-model given"
     assert got["skipped_metrics"]["METEOR"].startswith("no --meteor-jar")
     zh = score_task("translation", "zh", ["今天天气很好"], [["今天天气不错"]])
-    assert zh["SacreBLEU"] == sacrebleu.corpus_bleu(["今天天气很好"], [["今天天气不错"]],
-                                                    tokenize="zh").score
+    assert (
+        zh["SacreBLEU"]
+        == sacrebleu.corpus_bleu(["今天天气很好"], [["今天天气不错"]], tokenize="zh").score
+    )
     # XM3600 CIDEr: pycocoevalcap's Cider on the normalised tokens.
-    hyps, refs = ["Ein Hund läuft!", "图为一只狗。"], [["ein Hund rennt.", "Hund, läuft"], ["一只狗"]]
-    want = Cider().compute_score({0: ["ein hund rennt", "hund läuft"], 1: ["一 只 狗"]},
-                                 {0: ["ein hund läuft"], 1: ["图 为 一 只 狗"]})[0] * 100
+    hyps, refs = (
+        ["Ein Hund läuft!", "图为一只狗。"],
+        [["ein Hund rennt.", "Hund, läuft"], ["一只狗"]],
+    )
+    want = (
+        Cider().compute_score(
+            {0: ["ein hund rennt", "hund läuft"], 1: ["一 只 狗"]},
+            {0: ["ein hund läuft"], 1: ["图 为 一 只 狗"]},
+        )[0]
+        * 100
+    )
     assert xm3600_tokenize(hyps[1]) == "图 为 一 只 狗"
     assert score_task("xm3600", "zh", hyps, refs)["XM3600_CIDEr"] == pytest.approx(want)
 
@@ -107,8 +122,11 @@ def test_multi30k_caption_bleu_streams_and_official(monkeypatch):
     refs = [[f"a photo of object {i} number {k} here" for k in range(5)] for i in range(7)]
     hyps = [f"a photo of object {i} number 0 here" for i in range(5)] + ["", "other words"]
     got = score_task("multi30k_caption", "en", hyps, refs)
-    assert got["SacreBLEU"] == got["SacreBLEU_streams"] == sacrebleu.corpus_bleu(
-        hyps, [list(s) for s in zip(*refs)]).score
+    assert (
+        got["SacreBLEU"]
+        == got["SacreBLEU_streams"]
+        == sacrebleu.corpus_bleu(hyps, [list(s) for s in zip(*refs)]).score
+    )
     # Official: per-image lists taken as 7 "streams" of 5: hypothesis j (j < 5) is scored
     # against caption j of every image; hypotheses 5.. are never looked at.
     assert got["SacreBLEU_official_first5"] == sacrebleu.corpus_bleu(hyps, refs).score
@@ -138,8 +156,9 @@ def test_comet_runs_only_when_installed_and_given(monkeypatch, tmp_path):
     fake.load_from_checkpoint = lambda path: calls.append(path) or FakeComet()
     monkeypatch.setitem(sys.modules, "comet", fake)
     monkeypatch.setattr(scoring, "comet_available", lambda: True)
-    got = score_task("translation", "de", ["ein Hund"], [["der Hund"]], ["a dog"],
-                     comet_model=str(tmp_path))
+    got = score_task(
+        "translation", "de", ["ein Hund"], [["der Hund"]], ["a dog"], comet_model=str(tmp_path)
+    )
     assert got["COMET"] == 25.0 and "COMET" not in got["skipped_metrics"]
     assert calls == [str(tmp_path), [{"src": "a dog", "mt": "ein Hund", "ref": "der Hund"}]]
 
@@ -151,8 +170,10 @@ def test_official_meteor_jar_groups_references_per_hypothesis():
     from pycocoevalcap.meteor import meteor
 
     jar = str(Path(meteor.__file__).parent / "meteor-1.5.jar")
-    refs = [["a dog runs on the grass", "a brown dog running"],
-            ["two cats sleep on a sofa", "cats sleeping"]]
+    refs = [
+        ["a dog runs on the grass", "a brown dog running"],
+        ["two cats sleep on a sofa", "cats sleeping"],
+    ]
     hyps = ["a dog runs on the grass", "two cats sleep on a sofa"]
     # With the references grouped wrongly (by stream), the second hypothesis would have no
     # exact match and the score would be far lower.
@@ -187,8 +208,9 @@ def test_ambiguity_accuracy_hand_made(tmp_path):
     for name, lines in cols.items():
         (d / name).write_text("\n".join(lines) + "\n")
     ce = {"c1": 1.0, "i1": 2.0, "c2": 3.0, "i2": 0.5, "c3": 0.1, "i3": 0.2, "c4": 2.0, "i4": 2.0}
-    opts = DownstreamOptions(tmp_path, tmp_path / "out", "commute_lexical_ambiguity_fr",
-                             batch_size=3)
+    opts = DownstreamOptions(
+        tmp_path, tmp_path / "out", "commute_lexical_ambiguity_fr", batch_size=3
+    )
     out = run_downstream(_StubScorer(ce), opts, {"ckpt": "stub"})
     assert out["results"][0]["accuracy"] == pytest.approx(50.0)  # 1 and 3 right; tie is wrong
     cache = json.loads((tmp_path / "out/preds_ambiguity_commute_fr.json").read_text())

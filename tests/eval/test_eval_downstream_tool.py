@@ -22,7 +22,16 @@ from tools.convert_from_hf import main as convert_from_hf
 from tools.convert_to_hf import main as convert_to_hf
 from tools.eval_downstream import main as eval_downstream
 
-GEN = ["--beams", "1", "--max-new-tokens", "6", "--batch-size", "2", "--no-meteor", "--text-rows-only"]
+GEN = [
+    "--beams",
+    "1",
+    "--max-new-tokens",
+    "6",
+    "--batch-size",
+    "2",
+    "--no-meteor",
+    "--text-rows-only",
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +98,11 @@ def test_full_set_end_to_end_with_counted_skips_and_resume(work, tmp_path, capsy
     cache_f.write_text(json.dumps(cache))
     asked = []
     orig = DownstreamModel.translate
-    monkeypatch.setattr(DownstreamModel, "translate",
-                        lambda self, s, i, lang: asked.append(len(s)) or orig(self, s, i, lang))
+    monkeypatch.setattr(
+        DownstreamModel,
+        "translate",
+        lambda self, s, i, lang: asked.append(len(s)) or orig(self, s, i, lang),
+    )
     assert _run(d, root, out, "--tasks", "commute_translation_fr") == 0
     assert asked == [1]
     cache = json.loads(cache_f.read_text())
@@ -125,8 +137,12 @@ def test_hf_export_scores_commute_like_the_checkpoint(work):
     if not (d / "hf").exists():
         assert convert_to_hf(["--ckpt", str(d / "ck"), "--out", str(d / "hf")]) == 0
     samples = ds.commute(root, "ru")[:2]
-    args = ([s.source for s in samples], [str(s.image) for s in samples], "ru",
-            [s.incorrect for s in samples])
+    args = (
+        [s.source for s in samples],
+        [str(s.image) for s in samples],
+        "ru",
+        [s.incorrect for s in samples],
+    )
     cfg = generation_config(1, 4)
     ck = DownstreamModel(load_pipeline(d / "ck"), cfg).sentence_scores(*args)
     hf = DownstreamModel(load_pipeline(d / "hf"), cfg).sentence_scores(*args)

@@ -27,7 +27,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MULTI30K_TASK1_SPLITS = ("test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco")
+MULTI30K_TASK1_SPLITS = (
+    "test_2016_flickr",
+    "test_2017_flickr",
+    "test_2018_flickr",
+    "test_2017_mscoco",
+)
 XM3600_LANGS = ("en", "de", "fr", "es", "ru", "zh")
 COMMUTE_LANGS = ("de", "fr", "ru", "zh")
 
@@ -150,7 +155,9 @@ def xm3600(root: Path, lang: str) -> list[Sample]:
             caps = rec.get(lang, {})
             caps = caps.get("caption") if isinstance(caps, dict) else None
             if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}:{n}: field '{lang}.caption' missing or not a list of text")
+                raise ValueError(
+                    f"{path}:{n}: field '{lang}.caption' missing or not a list of text"
+                )
             refs = tuple(c.strip() for c in caps)
             out.append(Sample(id=key, image=base / "images" / f"{key}.jpg", references=refs))
     if not out:
@@ -171,8 +178,13 @@ def commute(root: Path, lang: str) -> list[Sample]:
     out = []
     for i, (img, src, good, bad) in enumerate(zip(*cols.values(), strict=True)):
         out.append(
-            Sample(id=f"{i}:{img}", image=base / "images" / img, references=(good,), source=src,
-                   incorrect=bad)
+            Sample(
+                id=f"{i}:{img}",
+                image=base / "images" / img,
+                references=(good,),
+                source=src,
+                incorrect=bad,
+            )
         )
     return out
 
@@ -196,8 +208,11 @@ def coco_karpathy(root: Path, split: str = "test") -> list[Sample]:
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: images[{n}]: field {e} missing or malformed") from e
     out = [
-        Sample(id=name, image=base / ("train2014" if "train2014" in name else "val2014") / name,
-               references=refs)
+        Sample(
+            id=name,
+            image=base / ("train2014" if "train2014" in name else "val2014") / name,
+            references=refs,
+        )
         for name, refs in by_name.items()
     ]
     if not out:

@@ -62,8 +62,9 @@ class DownstreamModel:
         if isinstance(self.pipe, MmcapPipeline):
             return self._mmcap_scores(prompts, images, texts)
         if isinstance(self.pipe, HFPipeline):
-            return self._hf_scores([task_string("translation", lang, s) for s in sources], images,
-                                   texts)
+            return self._hf_scores(
+                [task_string("translation", lang, s) for s in sources], images, texts
+            )
         raise TypeError(f"cannot score sentences with {type(self.pipe).__name__}")
 
     def _mmcap_scores(self, prompts, images, texts):
@@ -75,8 +76,14 @@ class DownstreamModel:
             prompt[i, : len(x)], mask[i, : len(x)] = torch.as_tensor(x), True
         pixels = read_images(images, p.image_size).to(p.device)
         targets = [[int(t) for t in x] for x in p.target_tok.encode(texts)]
-        ce = sentence_ce(p.model, prompt.to(p.device), mask.to(p.device), targets, pixels,
-                         start_token_id=p.target_tok.decoder_start_id)
+        ce = sentence_ce(
+            p.model,
+            prompt.to(p.device),
+            mask.to(p.device),
+            targets,
+            pixels,
+            start_token_id=p.target_tok.decoder_start_id,
+        )
         return ce.float().cpu()
 
     def _hf_scores(self, tasks, images, texts):
@@ -97,8 +104,10 @@ class DownstreamModel:
             dec[i, 0] = cfg.decoder_start_token_id
             dec[i, 1 : len(t)] = torch.as_tensor(t[:-1])
         logits = p.model(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-            pixel_values=pixels, decoder_input_ids=dec,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            pixel_values=pixels,
+            decoder_input_ids=dec,
         ).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
@@ -107,8 +116,12 @@ class DownstreamModel:
 
 
 def load_downstream_model(
-    ckpt, config: GenerationConfig, use_prefix: bool = False, input_res: int | None = None,
-    bart_tokenizer=None, gemma_tokenizer=None,
+    ckpt,
+    config: GenerationConfig,
+    use_prefix: bool = False,
+    input_res: int | None = None,
+    bart_tokenizer=None,
+    gemma_tokenizer=None,
 ) -> DownstreamModel:
     """:class:`DownstreamModel` of an mmcap checkpoint or exported HF directory."""
     pipe = load_pipeline(ckpt, input_res, bart_tokenizer, gemma_tokenizer)

@@ -38,7 +38,14 @@ log = logging.getLogger(__name__)
 RESULTS_JSON = "eval_results.json"
 RESULTS_MD = "eval_results.md"
 TABLE_METRICS = (
-    "SacreBLEU", "COMET", "METEOR", "BLEU_4", "CIDEr", "cocoMETEOR", "XM3600_CIDEr", "accuracy"
+    "SacreBLEU",
+    "COMET",
+    "METEOR",
+    "BLEU_4",
+    "CIDEr",
+    "cocoMETEOR",
+    "XM3600_CIDEr",
+    "accuracy",
 )
 
 
@@ -108,8 +115,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _load_cache(path: Path, task: Task, settings: dict, ids: list[str]) -> dict:
-    empty = {"task": task.name, "settings": settings, "ids": [], "predictions": [],
-             "ce_correct": [], "ce_incorrect": []}
+    empty = {
+        "task": task.name,
+        "settings": settings,
+        "ids": [],
+        "predictions": [],
+        "ce_correct": [],
+        "ce_incorrect": [],
+    }
     if not path.is_file():
         return empty
     try:
@@ -118,7 +131,9 @@ def _load_cache(path: Path, task: Task, settings: dict, ids: list[str]) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"prediction cache {path}: unreadable ({e!r}); delete it to regenerate")
     if got_settings != settings:
-        diff = {k: (got_settings.get(k), v) for k, v in settings.items() if got_settings.get(k) != v}
+        diff = {
+            k: (got_settings.get(k), v) for k, v in settings.items() if got_settings.get(k) != v
+        }
         raise ValueError(
             f"prediction cache {path} was made with other settings {diff} (cached, now); "
             "use another --out or delete the file"
@@ -129,8 +144,9 @@ def _load_cache(path: Path, task: Task, settings: dict, ids: list[str]) -> dict:
     return {**empty, **cache}
 
 
-def _predict(task: Task, samples: list[Sample], model, opts: DownstreamOptions,
-             settings: dict) -> dict:
+def _predict(
+    task: Task, samples: list[Sample], model, opts: DownstreamOptions, settings: dict
+) -> dict:
     """Predictions (or CE pairs) of every sample, from the cache where present."""
     path = opts.out / task.cache_name
     ids = [s.id for s in samples]
@@ -189,9 +205,15 @@ def evaluate_task(task: Task, model, opts: DownstreamOptions, settings: dict) ->
     preds = got["predictions"]
     empty = sum(1 for p in preds if not p.strip())
     metrics = score_task(
-        task.metric, task.lang, preds, [list(s.references) for s in samples],
-        [s.source for s in samples], official_multi30k_bleu=opts.official_multi30k_bleu,
-        meteor=opts.meteor, comet_model=opts.comet_model, meteor_jar=opts.meteor_jar,
+        task.metric,
+        task.lang,
+        preds,
+        [list(s.references) for s in samples],
+        [s.source for s in samples],
+        official_multi30k_bleu=opts.official_multi30k_bleu,
+        meteor=opts.meteor,
+        comet_model=opts.comet_model,
+        meteor_jar=opts.meteor_jar,
     )
     return {**head, "empty_predictions": empty, **metrics}
 
@@ -209,7 +231,8 @@ def markdown_table(results: list[dict], skipped: dict[str, str]) -> str:
     for r in results:
         vals = [f"{r[m]:.2f}" if m in r else "-" for m in cols]
         lines.append(
-            f"| {r['task']} | {r['samples']} | " + " | ".join(vals)
+            f"| {r['task']} | {r['samples']} | "
+            + " | ".join(vals)
             + f" | {r['skipped_images']} | {r.get('empty_predictions', '-')} |"
         )
     if skipped:
@@ -224,8 +247,13 @@ def run_downstream(model, opts: DownstreamOptions, settings: dict) -> dict:
     tasks, explicit = select_tasks(opts.tasks)
     results: list[dict] = []
     skipped: dict[str, str] = {}
-    meta = {**settings, "data_root": str(opts.data_root.resolve()), "tasks": opts.tasks,
-            "official_multi30k_bleu": opts.official_multi30k_bleu, "limit": opts.limit}
+    meta = {
+        **settings,
+        "data_root": str(opts.data_root.resolve()),
+        "tasks": opts.tasks,
+        "official_multi30k_bleu": opts.official_multi30k_bleu,
+        "limit": opts.limit,
+    }
     out = {"results": results, "skipped_tasks": skipped, "meta": meta}
     opts.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -53,8 +53,11 @@ def _char_split(ch: str) -> bool:
     """Scripts written without spaces (CJK ideographs, kana, Thai): one token per character."""
     o = ord(ch)
     return (
-        0x3040 <= o <= 0x30FF or 0x3400 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF
-        or 0x0E00 <= o <= 0x0E7F or 0x20000 <= o <= 0x2FA1F
+        0x3040 <= o <= 0x30FF
+        or 0x3400 <= o <= 0x9FFF
+        or 0xF900 <= o <= 0xFAFF
+        or 0x0E00 <= o <= 0x0E7F
+        or 0x20000 <= o <= 0x2FA1F
     )
 
 
@@ -88,8 +91,9 @@ def xm3600_cider(hypotheses: list[str], references: list[list[str]]) -> float:
 METEOR_LANGS = ("cz", "de", "en", "es", "fr")  # the official eval's METEOR languages
 
 
-def meteor_jar_score(hypotheses: list[str], references: list[list[str]], lang: str,
-                     jar: str) -> float:
+def meteor_jar_score(
+    hypotheses: list[str], references: list[list[str]], lang: str, jar: str
+) -> float:
     """METEOR 1.5 (x100) as the official ``meteor_eval``: every hypothesis's references on
     consecutive lines, ``-r N``, ``-l lang`` (+ ``-norm``); RuntimeError with the jar's
     output when it reports no score."""
@@ -107,7 +111,7 @@ def meteor_jar_score(hypotheses: list[str], references: list[list[str]], lang: s
             cmd.append("-norm")
         if counts != {1}:
             cmd += ["-r", str(counts.pop())]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     m = re.search(r"Final score:\s+([\d.]+)", res.stdout)
     if m is None:
         raise RuntimeError(f"METEOR ({jar}, -l {lang}) gave no score: {res.stderr[-800:]}")

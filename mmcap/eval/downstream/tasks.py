@@ -54,7 +54,10 @@ class Task:
 def _translation_tasks() -> list[Task]:
     out = [
         Task(
-            f"multi30k_translation_{split}_{lang}", "translation", lang, "translation",
+            f"multi30k_translation_{split}_{lang}",
+            "translation",
+            lang,
+            "translation",
             partial(_call, ds.multi30k_task1, split=split, lang=lang),
             f"preds_translation_multi30k_task1_{split}_{lang}.json",
         )
@@ -63,8 +66,12 @@ def _translation_tasks() -> list[Task]:
     ]
     out += [
         Task(
-            f"commute_translation_{lang}", "translation", lang, "translation",
-            partial(_call, ds.commute, lang=lang), f"preds_translation_commute_{lang}.json",
+            f"commute_translation_{lang}",
+            "translation",
+            lang,
+            "translation",
+            partial(_call, ds.commute, lang=lang),
+            f"preds_translation_commute_{lang}.json",
         )
         for lang in ds.COMMUTE_LANGS
     ]
@@ -73,7 +80,10 @@ def _translation_tasks() -> list[Task]:
 
 def _multi30k_caption(lang: str) -> Task:
     return Task(
-        f"multi30k_caption_test_2016_{lang}", "caption", lang, "multi30k_caption",
+        f"multi30k_caption_test_2016_{lang}",
+        "caption",
+        lang,
+        "multi30k_caption",
         partial(_call, ds.multi30k_task2, lang=lang),
         f"preds_caption_multi30k_task2_test_2016_{lang}.json",
     )
@@ -81,15 +91,23 @@ def _multi30k_caption(lang: str) -> Task:
 
 def _xm3600(lang: str) -> Task:
     return Task(
-        f"xm3600_caption_{lang}", "caption", lang, "xm3600", partial(_call, ds.xm3600, lang=lang),
+        f"xm3600_caption_{lang}",
+        "caption",
+        lang,
+        "xm3600",
+        partial(_call, ds.xm3600, lang=lang),
         f"preds_caption_xm3600_{lang}.json",
     )
 
 
 def _coco() -> Task:
     return Task(
-        "coco_karpathy_caption", "caption", "en", "coco_caption",
-        partial(_call, ds.coco_karpathy, split="test"), "preds_caption_coco_karpathy_en.json",
+        "coco_karpathy_caption",
+        "caption",
+        "en",
+        "coco_caption",
+        partial(_call, ds.coco_karpathy, split="test"),
+        "preds_caption_coco_karpathy_en.json",
     )
 
 
@@ -104,8 +122,12 @@ def _caption_tasks() -> list[Task]:
 def _ambiguity_tasks() -> list[Task]:
     return [
         Task(
-            f"commute_lexical_ambiguity_{lang}", "ambiguity", lang, "ambiguity",
-            partial(_call, ds.commute, lang=lang), f"preds_ambiguity_commute_{lang}.json",
+            f"commute_lexical_ambiguity_{lang}",
+            "ambiguity",
+            lang,
+            "ambiguity",
+            partial(_call, ds.commute, lang=lang),
+            f"preds_ambiguity_commute_{lang}.json",
         )
         for lang in ds.COMMUTE_LANGS
     ]
