@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MULTI30K_TASK1_SPLITS = (
@@ -62,7 +62,6 @@ class Sample:
     references: tuple[str, ...]
     source: str | None = None
     incorrect: str | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def _need(path: Path, what: str) -> Path:
