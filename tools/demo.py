@@ -11,7 +11,10 @@
    torchrun at PP=2 (another layout than training);
 4. exports it to Hugging Face (``tools/convert_to_hf.py``) and loads it back with
    ``AutoModelForImageTextToText``;
-5. prints where everything went.
+5. captions the held-out images in the trained (en, de) and unseen (fr, es, zh, ru) caption
+   languages, with and without the zero-shot prefix (``mmcap.generate``, 4 beams), and draws
+   the loss curve and the CE per split (``python -m mmcap.eval.demo_report``);
+6. prints the captions, the CE and where everything went.
 
     python tools/demo.py [--out demo_out] [--steps 300] [--fresh]
 """
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
     args = ap.parse_args(argv)
+    from mmcap.data.prompts import ZERO_SHOT_PREFIXES
+
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
     times = {}
     t_start = time.time()
 
-    print("== 1/5 demo data (official tar layout) + preprocessing", flush=True)
+    print("== 1/6 demo data (official tar layout) + preprocessing", flush=True)
     times["data"] = _run(
         [py, "tools/make_demo_data.py", "--out", out / "data", "--preprocess"], log, env
     )
@@ -87,15 +92,15 @@ def main(argv=None) -> int:
         f"exit_interval={args.steps // 2}",
     ]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    print(f"== 2/5 training, job 1 (TP=2, steps 0 -> {args.steps // 2})", flush=True)
+    print(f"== 2/6 training, job 1 (TP=2, steps 0 -> {args.steps // 2})", flush=True)
     times["train_job1"] = _run([*torchrun, "-m", "mmcap.train", *train_args], log, env)
-    print(f"== 2/5 training, job 2 (--resume auto, -> {args.steps})", flush=True)
+    print(f"== 2/6 training, job 2 (--resume auto, -> {args.steps})", flush=True)
     times["train_job2"] = _run(
         [*torchrun, "-m", "mmcap.train", *train_args, "--resume", "auto"], log, env
     )
     final = ckpt / (ckpt / "latest").read_text().strip()
 
-    print("== 3/5 CE per split of the final checkpoint (PP=2)", flush=True)
+    print("== 3/6 CE per split of the final checkpoint (PP=2)", flush=True)
     results = out / "eval_results.json"
     times["eval"] = _run(
         [
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
         env,
     )
 
-    print("== 4/5 export to Hugging Face", flush=True)
+    print("== 4/6 export to Hugging Face", flush=True)
     hf = out / "hf"
     times["export"] = _run(
         [py, "tools/convert_to_hf.py", "--ckpt", final, "--out", hf, "--overwrite"], log, env
@@ -130,7 +135,32 @@ def main(argv=None) -> int:
     )
     times["hf_load"] = _run([py, "-c", check], log, env)
 
-    print("== 5/5 summary", flush=True)
+    print("== 5/6 captions of the held-out images, loss curve, CE per split", flush=True)
+    report = out / "report"
+    sources = json.loads((out / "data" / "demo.json").read_text())["sources"]
+    times["captions_plots"] = _run(
+        [
+            py,
+            "-m",
+            "mmcap.eval.demo_report",
+            "--ckpt",
+            final,
+            "--bart-tokenizer",
+            out / "data" / sources["encoder_tokenizer"],
+            "--gemma-tokenizer",
+            out / "data" / sources["gemma_tokenizer"],
+            "--metrics",
+            ckpt / "metrics.jsonl",
+            "--ce",
+            results,
+            "--out",
+            report,
+        ],
+        log,
+        env,
+    )
+
+    print("== 6/6 summary", flush=True)
     res = json.loads(results.read_text())
     history = {}
     for line in (ckpt / "metrics.jsonl").read_text().splitlines():
@@ -157,6 +187,15 @@ def main(argv=None) -> int:
             f"  {name}: CE {split['ce']:.4f} over {split['samples']} samples "
             f"({', '.join(split['keys'])})"
         )
+    print("captions of the held-out images (4 beams; [prefix] = zero-shot decoder prefix):")
+    rows = json.loads((report / "captions.json").read_text())
+    for key in dict.fromkeys(r["image"] for r in rows):
+        print(f"  {key}:")
+        for r in rows:
+            if r["image"] == key:
+                seen = "seen  " if r["seen"] else "unseen"
+                pre = f"[{ZERO_SHOT_PREFIXES[r['lang']]}] " if r["prefix"] else ""
+                print(f"    {r['lang']} {seen} {pre}{r['caption']}")
     total = time.time() - t_start
     print(
         "timings (s): "
@@ -173,6 +212,9 @@ def main(argv=None) -> int:
         ("TensorBoard", ckpt / "tensorboard"),
         ("eval results", results),
         ("Hugging Face export", hf),
+        ("held-out captions", f"{report / 'captions.md'}, {report / 'captions.json'}"),
+        ("loss curve (PNG)", report / "loss_curve.png"),
+        ("CE per split (PNG)", report / "ce_per_split.png"),
         ("full log", log),
     ]:
         print(f"  {label}: {path}")
