@@ -186,12 +186,13 @@ def export_to_hf(
     """
     from transformers import GenerationConfig
 
-    from mmcap.checkpoint import resolve_checkpoint_dir
+    from mmcap.checkpoint import read_checkpoint_info, resolve_checkpoint_dir
     from mmcap.hf.modeling_mmcap import MmcapCaptionerForConditionalGeneration
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt = resolve_checkpoint_dir(ckpt_dir)
+    read_checkpoint_info(ckpt)  # "not an mmcap checkpoint" before anything else
     tok = None if weights_only else find_export_tokenizers(ckpt, tokenizers)
     model_cfg, meta, ours = load_full_checkpoint(ckpt)
     config = hf_config(model_cfg)
@@ -213,6 +214,10 @@ def export_to_hf(
         num_beams=4,
         max_new_tokens=128,
     )
+    n = processor.decoder_tokenizer.vocab_size if processor is not None else None
+    if n is not None and n < config.decoder_vocab_size:
+        # Rows past the SentencePiece pieces (a padded table, e.g. for TP) have no text.
+        hf.generation_config.suppress_tokens = list(range(n, config.decoder_vocab_size))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         if processor is not None:
