@@ -192,7 +192,7 @@ def train(cfg: TrainConfig) -> int:
             )
             event = stop.check(state, signalled)
             if event in (None, "exit") and t.validator.due(state.step, state.step == cfg.train_steps):
-                t.logger.log(state.step, t.validator(state.step), console=False)
+                t.logger.log_eval(state.step, t.validator(state.step))
             if event is not None:
                 break
             t.checkpointer.maybe_save(state, "interval")
