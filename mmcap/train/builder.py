@@ -85,6 +85,8 @@ def _inference_files(cfg: TrainConfig, model_cfg, load, resume_from) -> dict:
     if cfg.checkpoint.save is None or (dist.is_initialized() and dist.get_rank() != 0):
         return {}
     tokenizers = find_run_tokenizers(cfg.data.train, load=load, resume=resume_from)
+    if tokenizers is not None:
+        log.info("checkpoints carry inference/: the tokenizers of %s", tokenizers.origin)
     return inference_files(model_cfg, cfg.data.batch, tokenizers)
 
 
