@@ -10,7 +10,8 @@ as --gemma-tokenizer). Inputs: official webdataset tars, JSONL (docs/data.md) or
 (one text per line). Only for models trained from scratch: the paper's models and checkpoints
 converted with tools/convert_from_hf.py use the Florence-2 and Gemma-2 tokenizers. The model's
 vocabularies must hold the tokenizers: with a debug preset, model.encoder.vocab_size and
-model.decoder.vocab_size at least the sizes printed. See mmcap/data/tokenizer_training.py.
+model.decoder.vocab_size at least the sizes printed, model.encoder.padded_vocab_size at least
+model.encoder.vocab_size (docs/data.md). See mmcap/data/tokenizer_training.py.
 """
 
 import argparse

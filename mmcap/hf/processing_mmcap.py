@@ -190,6 +190,11 @@ class MmcapCaptionerProcessor(ProcessorMixin):
                 raise ValueError(f"{len(tids)} targets for {len(tasks)} task strings")
             width = max(len(t) for t in tids) if padding not in (False, "do_not_pad") else 0
             data["labels"] = [t + [IGNORE_INDEX] * (width - len(t)) for t in tids]
+            if return_tensors is not None and len({len(t) for t in data["labels"]}) > 1:
+                raise ValueError(
+                    f"targets of different lengths cannot make {return_tensors!r} tensors with "
+                    f"padding={padding!r}; pass padding=True, or return_tensors=None for lists"
+                )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
