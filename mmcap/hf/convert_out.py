@@ -214,10 +214,6 @@ def export_to_hf(
         num_beams=4,
         max_new_tokens=128,
     )
-    n = processor.decoder_tokenizer.vocab_size if processor is not None else None
-    if n is not None and n < config.decoder_vocab_size:
-        # Rows past the SentencePiece pieces (a padded table, e.g. for TP) have no text.
-        hf.generation_config.suppress_tokens = list(range(n, config.decoder_vocab_size))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         if processor is not None:

@@ -112,8 +112,6 @@ def test_export_loads_with_auto_processor_and_generates(run, world1, tmp_path):
     inputs = processor(images=[image], text=["<LANG_DE><CAPTION>"])
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=5, num_beams=2)
-    assert model.generation_config.suppress_tokens == list(range(600, 1000))  # no text rows
-    assert ids.max().item() < 600
     caption = processor.batch_decode(ids)[0]
     # The decoder tokenizer is the one the data was tokenized with (same pieces).
     sp = TargetTokenizer(save / (save / "latest").read_text().strip() / "inference/decoder/tokenizer.model")
