@@ -5,6 +5,7 @@ import builtins
 import json
 import logging
 import math
+import os
 import sys
 
 import pytest
@@ -116,6 +117,28 @@ def test_eval_lines_are_labelled_with_the_metric_names(caplog, tmp_path):
     (record,) = read_metrics(tmp_path / "m.jsonl")
     names = {w for line in lines for w in line.split() if w.startswith(("eval/", "eval_key/"))}
     assert names <= set(record) and record["step"] == 50
+
+
+def test_third_party_notices_are_quiet_in_worker_processes(monkeypatch):
+    """DataLoader workers (forkserver children) import megatron-core afresh: they inherit the
+    filters through PYTHONWARNINGS, so its TE / Apex notices stay off the console there too."""
+    import subprocess
+
+    from mmcap.train.loop import quiet_third_party_warnings
+
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore::ResourceWarning")
+    quiet_third_party_warnings()
+    quiet_third_party_warnings()  # idempotent
+    env = os.environ["PYTHONWARNINGS"].split(",")
+    assert env[0] == "ignore::ResourceWarning" and len(env) == len(set(env)) == 4
+    code = (
+        "import warnings\n"
+        "warnings.warn('Apex is not installed. Falling back to Torch optimizers.')\n"
+        "warnings.warn('Transformer Engine and Apex are not installed. Falling back')\n"
+        "warnings.warn('something else')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    assert "Apex" not in err and "something else" in err, err
 
 
 def test_format_duration():
