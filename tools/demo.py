@@ -9,8 +9,9 @@
    validation CE per split every 50 steps;
 3. evaluates the final checkpoint per split (SC / UC / ST) with ``tools/eval_loss.py`` under
    torchrun at PP=2 (another layout than training);
-4. exports it to Hugging Face (``tools/convert_to_hf.py``) and loads it back with
-   ``AutoModelForImageTextToText``;
+4. exports it to Hugging Face (``tools/convert_to_hf.py``: weights, config and processor)
+   and loads it back with ``AutoModelForImageTextToText`` + ``AutoProcessor``, captioning
+   one demo image with ``generate()``;
 5. captions the held-out images in the trained (en, de) and unseen (fr, es, zh, ru) caption
    languages, with and without the zero-shot prefix (``mmcap.generate``, 4 beams), and draws
    the loss curve and the CE per split (``python -m mmcap.eval.demo_report``);
@@ -126,12 +127,18 @@ def main(argv=None) -> int:
     times["export"] = _run(
         [py, "tools/convert_to_hf.py", "--ckpt", final, "--out", hf, "--overwrite"], log, env
     )
+    # The export is complete: the processor (both tokenizers, the image size) loads with it.
     check = (
-        "import mmcap.hf, sys\n"
-        "from transformers import AutoModelForImageTextToText\n"
+        "import mmcap.hf, glob\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
         f"m = AutoModelForImageTextToText.from_pretrained({str(hf)!r})\n"
-        "n = sum(p.numel() for p in m.parameters())\n"
-        "print(f'loaded {type(m).__name__} with {n:,} parameters')\n"
+        f"p = AutoProcessor.from_pretrained({str(hf)!r})\n"
+        "n = sum(t.numel() for t in m.parameters())\n"
+        "image = Image.open(sorted(glob.glob('examples/demo/images/*.jpg'))[0])\n"
+        "ids = m.generate(**p(images=[image], text=['<LANG_EN><CAPTION>']), max_new_tokens=24)\n"
+        "print(f'loaded {type(m).__name__} with {n:,} parameters and its processor; '\n"
+        "      f'caption of {image.filename}: {p.batch_decode(ids)[0]!r}')\n"
     )
     times["hf_load"] = _run([py, "-c", check], log, env)
 

@@ -14,9 +14,30 @@ import json
 import logging
 import sys
 
+EPILOG = """\
+inputs (docs/data.md has the full schema):
+  JSONL, one record per line:
+    {"id": "r1", "image": "imgs/a.jpg", "type": "caption", "lang": "de",
+     "prompt": "<LANG_DE><CAPTION>", "output": "Ein Hund im Gras."}
+    image: a JPEG path relative to the JSONL file (omit it for a text-only translation)
+  webdataset tars: {key}.jpg + {key}.data, the .data a JSON list of
+    {"type", "lang", "prompt", "output"} (official pretraining and fine-tuning layouts)
+  type: caption | translation; lang (the target language): en de fr es zh ru
+  prompt: a task string [<LANG_XX>]<CAPTION> | <DETAILED_CAPTION> | <MORE_DETAILED_CAPTION>
+    | <TRANSLATE>source text, or the already expanded prompt text
+
+tokenizers: the paper's models use Florence-2's tokenizer directory (--encoder-tokenizer) and
+  Gemma-2's tokenizer.model (--gemma-tokenizer). To train both on your own texts (models
+  trained from scratch): tools/train_tokenizers.py --input ... --out DIR, then pass
+  DIR/encoder and DIR/decoder/tokenizer.model. The output dataset keeps a copy of both
+  (OUT/tokenizers/); training checkpoints carry them on to the Hugging Face export.
+"""
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument(
         "--input", nargs="+", required=True, help="files or globs (.tar, .tar.gz, .jsonl)"
     )

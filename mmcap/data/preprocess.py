@@ -8,6 +8,8 @@ the manifest is written last, and that folder is renamed to ``out``. So:
 - a killed run never leaves ``out`` (nothing there reads as a dataset until the rename);
 - a restart with the same inputs, tokenizers and limits (``plan.json``) resumes from the
   finished shards; with anything different it discards the partial work and starts over;
+- the two tokenizers are copied into ``{out}/tokenizers/`` (``encoder/``,
+  ``decoder/tokenizer.model``), so checkpoints trained on the data can carry them;
 - every skipped record or entry is counted per reason in the manifest and written, with its
   file, key or line, entry index and field, to ``rejects.jsonl``.
 """
@@ -24,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from mmcap.checkpoint.inference_assets import DATASET_TOKENIZERS, TokenizerFiles, write_files
 from mmcap.data.config import PreprocessConfig
 from mmcap.data.indexed import FORMAT, MANIFEST, TASK_TOKENS, ShardWriter, merge_shards
 from mmcap.data.manifest import DatasetStats, build_manifest, write_json_durable
@@ -360,15 +363,25 @@ def preprocess(
                     time.sleep(0.2)
                 for r in pending:
                     r.get()  # re-raises a worker's exception
-    return _finish(shards, partial, out_dir, plan, overwrite, time.time() - t0)
+    tokenizers = TokenizerFiles(Path(encoder_tokenizer), Path(gemma_tokenizer), "preprocess")
+    return _finish(shards, partial, out_dir, plan, overwrite, time.time() - t0, tokenizers)
 
 
 def _finish(
-    shards, partial: Path, out_dir: Path, plan: dict, overwrite: bool, seconds: float
+    shards,
+    partial: Path,
+    out_dir: Path,
+    plan: dict,
+    overwrite: bool,
+    seconds: float,
+    tokenizers: TokenizerFiles,
 ) -> dict:
-    """Merge shards, write rejects + manifest, rename into place."""
+    """Merge shards, write rejects + a copy of the tokenizers + manifest, rename into place."""
     merged = partial / "merged"
     counts = merge_shards(shards, merged)
+    # The tokenizers travel with the data: training stores them in its checkpoints and the
+    # Hugging Face export writes the processor from them (mmcap.checkpoint.inference_assets).
+    write_files(merged, tokenizers.files(prefix=f"{DATASET_TOKENIZERS}/"))
     stats = DatasetStats()
     with open(merged / "rejects.jsonl", "w") as rej:
         for s in shards:

@@ -29,12 +29,19 @@ _HF_TOKENIZER_FILES = (
 )
 
 
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over (file name, size, bytes) of each path, in the order given."""
+def hf_tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The Hugging Face tokenizer files present in ``directory`` (those that are hashed)."""
+    return [Path(directory) / f for f in _HF_TOKENIZER_FILES if (Path(directory) / f).is_file()]
+
+
+def hash_files(paths: list[Path], names: list[str] | None = None) -> str:
+    """sha256 over (file name, size, bytes) of each path, in the order given; ``names``
+    replaces the file names (a copy stored under another name hashes as its original)."""
     h = hashlib.sha256()
-    for p in paths:
+    for i, p in enumerate(paths):
         data = Path(p).read_bytes()
-        h.update(Path(p).name.encode() + b"\0" + str(len(data)).encode() + b"\0")
+        name = names[i] if names is not None else Path(p).name
+        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
         h.update(data)
     return h.hexdigest()
 
@@ -98,8 +105,7 @@ class PromptTokenizer:
         from transformers import AutoTokenizer
 
         self.directory = str(directory)
-        files = [Path(self.directory) / f for f in _HF_TOKENIZER_FILES]
-        files = [f for f in files if f.is_file()]
+        files = hf_tokenizer_files(self.directory)
         if not files:
             raise FileNotFoundError(
                 f"encoder tokenizer directory {self.directory} holds none of {_HF_TOKENIZER_FILES}"

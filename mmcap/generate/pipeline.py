@@ -100,7 +100,7 @@ class HFPipeline:
         if not images:
             raise ValueError("the HF path generates from images; use an mmcap checkpoint for text")
         pixels = read_images(images, self.image_size)
-        enc = self.processor(text=tasks)
+        enc = self.processor(text=tasks, image_placeholders=True)  # pixels read above
         if cfg.vocab_limit == TOKENIZER_SIZE:
             cfg = dataclasses.replace(cfg, vocab_limit=len(self.processor.decoder_tokenizer))
         out = []

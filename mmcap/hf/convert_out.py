@@ -5,7 +5,9 @@ The checkpoint (any TP/PP layout: megatron-core reshards on load) is loaded into
 model in one process, mapped with the same declarative key tables the import uses, loaded
 strictly into :class:`~mmcap.hf.modeling_mmcap.MmcapCaptionerForConditionalGeneration` and
 saved with ``save_pretrained`` (safetensors shards + index), a generation config, both
-tokenizers and the processor. The directory appears only when complete.
+tokenizers and the processor (from the checkpoint's ``inference/`` folder or tokenizers given
+explicitly). The directory appears only when complete; without tokenizers the export refuses
+(unless ``weights_only``), saying how to supply them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from pathlib import Path
 
 import torch
 
+from mmcap.checkpoint.inference_assets import (
+    INFERENCE_DIR,
+    INFO_FILE,
+    TokenizerFiles,
+    tokenizers_in,
+)
 from mmcap.config import ModelConfig
 from mmcap.hf.florence2_keys import bart_to_hf
 from mmcap.hf.gemma2_keys import gemma2_to_hf
@@ -160,16 +168,35 @@ def export_to_hf(
     dtype: str = "fp32",
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    tokenizers: str | os.PathLike | TokenizerFiles | None = None,
+    weights_only: bool = False,
 ) -> Path:
-    """Write the HF directory of an mmcap checkpoint; returns ``out``."""
+    """Write the HF directory of an mmcap checkpoint (config, weights, generation config and
+    processor); returns ``out``.
+
+    Args:
+        tokenizers: where the two tokenizers are when the checkpoint does not carry them: a
+            dataset made by ``tools/preprocess_data.py``, a checkpoint, a tokenizer set
+            (:mod:`mmcap.checkpoint.inference_assets`) or a :class:`TokenizerFiles`.
+        weights_only: export without a processor (no tokenizers needed).
+
+    Raises:
+        CheckpointError: no tokenizers were found (and not ``weights_only``), naming where it
+            looked and how to supply them: an export is complete or not written at all.
+    """
     from transformers import GenerationConfig
 
+    from mmcap.checkpoint import read_checkpoint_info, resolve_checkpoint_dir
     from mmcap.hf.modeling_mmcap import MmcapCaptionerForConditionalGeneration
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model_cfg, meta, ours = load_full_checkpoint(ckpt_dir)
+    ckpt = resolve_checkpoint_dir(ckpt_dir)
+    read_checkpoint_info(ckpt)  # "not an mmcap checkpoint" before anything else
+    tok = None if weights_only else find_export_tokenizers(ckpt, tokenizers)
+    model_cfg, meta, ours = load_full_checkpoint(ckpt)
     config = hf_config(model_cfg)
+    processor = None if tok is None else build_processor(tok, model_cfg, config.image_token_id, ckpt)
     hf = MmcapCaptionerForConditionalGeneration(config).eval()
     tensors = hf_state_dict(model_cfg, ours)
     result = hf.load_state_dict(tensors, strict=False)
@@ -189,26 +216,76 @@ def export_to_hf(
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        _save_processor(Path(ckpt_dir), tmp, model_cfg, config.image_token_id)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+            shutil.copyfile(tok.decoder_model, tmp / "gemma_tokenizer.model")
+            info = ckpt / INFERENCE_DIR / INFO_FILE
+            if info.is_file():
+                shutil.copyfile(info, tmp / "mmcap_inference.json")
     return Path(out)
 
 
-def _save_processor(ckpt: Path, out: Path, model_cfg: ModelConfig, image_token_id: int) -> None:
-    """Both tokenizers and the processor, when the checkpoint carries them."""
-    bart_dir, gemma_model = ckpt / "tokenizer", ckpt / "gemma" / "tokenizer.model"
-    if not (bart_dir.is_dir() and gemma_model.is_file()):
-        return
+def find_export_tokenizers(ckpt: Path, given=None) -> TokenizerFiles:
+    """The tokenizers of an export: ``given`` (a path or TokenizerFiles), else those the
+    checkpoint carries; a CheckpointError saying how to supply them when there are none."""
+    if isinstance(given, TokenizerFiles):
+        if not (given.encoder_dir.is_dir() and given.decoder_model.is_file()):
+            raise CheckpointError(
+                f"tokenizers from the {given.origin}: {given.encoder_dir} must be a tokenizer "
+                f"directory and {given.decoder_model} a SentencePiece model file"
+            )
+        return given
+    if given is not None:
+        found = tokenizers_in(given)
+        if found is None:
+            raise CheckpointError(
+                f"--tokenizers {given}: holds no tokenizers; expected a dataset made by "
+                "tools/preprocess_data.py (tokenizers/), an mmcap checkpoint (inference/ or "
+                "tokenizer/ + gemma/tokenizer.model), or a folder with encoder/ (the Florence-2 "
+                "tokenizer files) and decoder/tokenizer.model (the Gemma SentencePiece model)"
+            )
+        return found
+    found = tokenizers_in(ckpt)
+    if found is None:
+        raise CheckpointError(
+            f"{ckpt} carries no tokenizers (no {INFERENCE_DIR}/ as training checkpoints store "
+            "it, no tokenizer/ + gemma/tokenizer.model as tools/convert_from_hf.py stores them), "
+            "so the export would have no processor and AutoProcessor could not load it. Pass "
+            "--tokenizers DATASET_DIR (the data the model was trained on), or "
+            "--encoder-tokenizer DIR --gemma-tokenizer FILE (the files given to "
+            "tools/preprocess_data.py), or --weights-only to export the weights alone"
+        )
+    return found
+
+
+def build_processor(tok: TokenizerFiles, model_cfg: ModelConfig, image_token_id: int, ckpt: Path):
+    """The :class:`MmcapCaptionerProcessor` of an export: image processor at the model's image
+    size, both tokenizers (checked against the model's vocabularies), the training crop."""
+    import json
+
     from transformers import AutoTokenizer, GemmaTokenizer
     from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
     from mmcap.hf.processing_mmcap import MmcapCaptionerProcessor, build_image_processor
 
-    vocab, _, merges = SentencePieceExtractor(str(gemma_model)).extract()
-    proc = MmcapCaptionerProcessor(
+    bart = AutoTokenizer.from_pretrained(tok.encoder_dir, local_files_only=True)
+    vocab, _, merges = SentencePieceExtractor(str(tok.decoder_model)).extract()
+    gemma = GemmaTokenizer(vocab=vocab, merges=merges)
+    for name, n, limit, key in (
+        ("encoder (BART)", len(bart), model_cfg.encoder.vocab_size, "encoder"),
+        ("decoder (Gemma)", len(vocab), model_cfg.decoder.vocab_size, "decoder"),
+    ):
+        if n > limit:
+            raise CheckpointError(
+                f"{tok.origin}: the {name} tokenizer has {n} tokens but the model's {key} has "
+                f"{limit}; these are not the tokenizers this model was trained with"
+            )
+    info_file = ckpt / INFERENCE_DIR / INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return MmcapCaptionerProcessor(
         build_image_processor(model_cfg.vision.image_size),
-        AutoTokenizer.from_pretrained(bart_dir, local_files_only=True),
-        GemmaTokenizer(vocab=vocab, merges=merges),
+        bart,
+        gemma,
         image_token_id=image_token_id,
+        max_prompt_tokens=info.get("max_prompt_tokens"),
     )
-    proc.save_pretrained(out)
-    shutil.copyfile(gemma_model, out / "gemma_tokenizer.model")

@@ -266,6 +266,8 @@ def export_official(
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    from mmcap.checkpoint import resolve_checkpoint_dir
+    from mmcap.checkpoint.inference_assets import tokenizers_in
     from mmcap.hf.convert_out import load_full_checkpoint
 
     model_cfg, _, ours = load_full_checkpoint(ckpt_dir)
@@ -282,7 +284,9 @@ def export_official(
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        tok = Path(ckpt_dir) / "tokenizer"
+        # A training checkpoint's inference/encoder, or a conversion's tokenizer/.
+        found = tokenizers_in(resolve_checkpoint_dir(ckpt_dir))
+        tok = found.encoder_dir if found is not None else Path(ckpt_dir) / "tokenizer"
         for name in TOKENIZER_FILES:
             if (tok / name).is_file():
                 shutil.copyfile(tok / name, tmp / name)

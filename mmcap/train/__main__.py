@@ -2,8 +2,10 @@
 
 Examples::
 
-    # one process (CPU or one GPU)
-    python -m mmcap.train --preset debug-gemma data.train=[data/demo/train] train_steps=100
+    # one process (CPU or one GPU), on the demo data (make demo): a small global batch
+    python -m mmcap.train --preset debug-gemma data.train=[demo_out/data/train] \\
+        global_batch_size=16 micro_batch_size=8 optim.lr=2e-3 optim.warmup_steps=10 \\
+        train_steps=100 precision.params_dtype=fp32 checkpoint.save=runs/debug
     # 8 GPUs of one node, TP=2 PP=2 DP=2
     torchrun --nproc-per-node 8 -m mmcap.train --preset florence-gemma-2-xlarge \\
         --config examples/pretrain/florence-gemma-2-xlarge.yaml checkpoint.save=ckpt/xl

@@ -77,6 +77,19 @@ def build_scheduler(cfg: TrainConfig, optimizer):
     )
 
 
+def _inference_files(cfg: TrainConfig, model_cfg, load, resume_from) -> dict:
+    """The ``inference/`` folder every checkpoint carries (rank 0 writes it; empty elsewhere
+    and when the run has no tokenizers)."""
+    from mmcap.checkpoint.inference_assets import find_run_tokenizers, inference_files
+
+    if cfg.checkpoint.save is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return {}
+    tokenizers = find_run_tokenizers(cfg.data.train, load=load, resume=resume_from)
+    if tokenizers is not None:
+        log.info("checkpoints carry inference/: the tokenizers of %s", tokenizers.origin)
+    return inference_files(model_cfg, cfg.data.batch, tokenizers)
+
+
 @dataclass
 class Trainer:
     """The parts of a run (:func:`build_trainer`); :func:`mmcap.train.loop.train` drives them."""
@@ -164,7 +177,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         data=data,
         counter=counter,
         checkpointer=Checkpointer(
-            cfg.checkpoint, model_cfg, ddp, optimizer, scheduler, resume_from=resume_from
+            cfg.checkpoint,
+            model_cfg,
+            ddp,
+            optimizer,
+            scheduler,
+            resume_from=resume_from,
+            extra_files=_inference_files(cfg, model_cfg, load, resume_from),
         ),
         validator=validator,
         logger=logger,

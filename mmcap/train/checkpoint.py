@@ -2,7 +2,7 @@
 step and consumed samples, RNG states, in megatron-core's distributed format.
 
 Layout on disk: ``<save>/step_<N>/`` (a dist checkpoint + ``mmcap_model.json`` +
-``train_state.json``) and ``<save>/latest`` (a text file naming the newest complete step).
+``train_state.json`` + ``inference/``: tokenizers, image size, prompts, when the run has them) and ``<save>/latest`` (a text file naming the newest complete step).
 A save goes to ``step_<N>.partial`` and is renamed only when complete; ``latest`` is replaced
 atomically after that, so a save killed at any point leaves the previous checkpoint as latest.
 Model and optimizer state reshard to any TP/PP/DP layout (optimizer: megatron-core's
@@ -25,6 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mmcap.checkpoint.dist import CONFIG_FILE
+from mmcap.checkpoint.inference_assets import write_files
 from mmcap.checkpoint.integrity import CheckpointError, write_checksums
 from mmcap.checkpoint.run_dir import (  # noqa: F401 - the resume finder, re-exported
     LATEST,
@@ -217,6 +218,7 @@ def save_train_state(
     scheduler,
     model_config: ModelConfig,
     extra: dict | None = None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Collective save of step ``step``; returns the checkpoint directory.
 
@@ -231,6 +233,9 @@ def save_train_state(
         optimizer / scheduler: megatron-core optimizer and OptimizerParamScheduler.
         extra: JSON-able state that is the same on every rank (sampler state, consumed
             samples, ...), stored in ``train_state.json``.
+        extra_files: {relative path: source Path or bytes} written by rank 0 into the step
+            directory before the checksums (the ``inference/`` folder:
+            :mod:`mmcap.checkpoint.inference_assets`).
     """
     root = Path(save_dir)
     final = root / f"step_{step:08d}"
@@ -264,6 +269,7 @@ def save_train_state(
                 **(extra or {}),
             }
             (partial / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            write_files(partial, extra_files or {})
             write_checksums(partial)  # last: a checkpoint with checksums is complete
             if final.exists():
                 shutil.rmtree(final)

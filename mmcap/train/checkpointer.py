@@ -46,6 +46,8 @@ class Checkpointer:
         chunks / optimizer / scheduler: this rank's DDP chunks, megatron-core optimizer and
             LR scheduler.
         resume_from: the checkpoint to continue from (:func:`decide_resume`), None = fresh.
+        extra_files: written into every checkpoint by rank 0 (the ``inference/`` folder,
+            :func:`mmcap.checkpoint.inference_assets.inference_files`).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Checkpointer:
         optimizer,
         scheduler,
         resume_from: Path | None = None,
+        extra_files: dict | None = None,
     ):
         self.cfg = cfg
         self.save_dir = Path(cfg.save) if cfg.save else None
@@ -63,6 +66,7 @@ class Checkpointer:
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.last_saved_step: int | None = None
         self.resume_from = resume_from
+        self.extra_files = extra_files or {}
 
     # -- resume -----------------------------------------------------------------------------
 
@@ -142,6 +146,7 @@ class Checkpointer:
             self.scheduler,
             self.model_cfg,
             extra={k: v for k, v in state.state_dict().items() if k != "step"},
+            extra_files=self.extra_files,
         )
         self.last_saved_step = state.step
         self._prune()

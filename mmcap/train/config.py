@@ -230,7 +230,8 @@ class LoggingConfig:
     """Args:
     log_interval: steps between console lines / TensorBoard points.
     tensorboard_dir: default ``<checkpoint.save>/tensorboard`` ("" = off).
-    wandb_project / wandb_name: log to Weights & Biases when a project is set.
+    wandb_project / wandb_name: log to Weights & Biases when a project is set (needs the
+        wandb package: checked when the configuration is parsed).
     metrics_file: JSON lines of every step's metrics (default ``<save>/metrics.jsonl``).
     peak_tflops: per-GPU peak for MFU; None = from the device name (H100/H200: 989 bf16).
     """
@@ -244,6 +245,17 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         require(self.log_interval >= 1, "logging.log_interval", "must be >= 1")
+        if self.wandb_project == "":
+            self.wandb_project = None  # ``logging.wandb_project=`` = off
+        if self.wandb_project is not None:
+            import importlib.util
+
+            require(
+                importlib.util.find_spec("wandb") is not None,
+                "logging.wandb_project",
+                f"set to {self.wandb_project!r} but the wandb package is not installed; "
+                "pip install wandb, or unset it (logging.wandb_project=null)",
+            )
         require(
             self.peak_tflops is None or self.peak_tflops > 0,
             "logging.peak_tflops",

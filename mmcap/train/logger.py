@@ -213,6 +213,35 @@ class MetricsLogger:
         if console:
             logger.info(self.console_line(step, numeric))
 
+    def log_eval(self, step: int, metrics: dict[str, float], source: str = "data.valid") -> None:
+        """Validation metrics of ``step`` (``eval/<split>``, ``eval_key/<key>``,
+        ``eval/samples``, ``eval/time_s``) in every sink, and their console lines: one per
+        split, one per key, each value under its metric name."""
+        if not self.enabled:
+            return
+        self.log(step, metrics, console=False)
+        for line in self.eval_lines(step, metrics, source):
+            logger.info(line)
+
+    def eval_lines(self, step: int, metrics: dict[str, float], source: str = "data.valid") -> list[str]:
+        """``eval step S/N | data.valid (n samples, t s) | eval/SC 2.1234 | ...`` and the same
+        head with the ``eval_key/<key>`` values (the labels are the metric names)."""
+        total = self.total_steps
+        head = f"eval step {step}/{total}" if total else f"eval step {step}"
+        what = []
+        if "eval/samples" in metrics:
+            what.append(f"{metrics['eval/samples']:.0f} samples")
+        if "eval/time_s" in metrics:
+            what.append(f"{metrics['eval/time_s']:.1f} s")
+        head += f" | {source}" + (f" ({', '.join(what)})" if what else "")
+        splits = [
+            f"{k} {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("eval/") and k not in ("eval/samples", "eval/time_s")
+        ]
+        keys = [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_key/")]
+        return [" | ".join([head, *part]) for part in (splits, keys) if part]
+
     def log_step(
         self,
         state,
@@ -265,7 +294,7 @@ class MetricsLogger:
         """The progress line for ``step``: the :data:`CONSOLE_KEYS` present in ``metrics``, then
         the ETA (needs ``total_steps`` and a logged ``step_time_s``)."""
         total = self.total_steps
-        parts = [f"step {step}/{total} ({step / total:.1%})" if total else f"step {step}"]
+        parts = [f"train step {step}/{total} ({step / total:.1%})" if total else f"train step {step}"]
         parts += [fmt.format(metrics[k]) for k, fmt in _CONSOLE_FORMATS.items() if k in metrics]
         if total and self._step_times:
             mean = sum(self._step_times) / len(self._step_times)

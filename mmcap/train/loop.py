@@ -200,7 +200,7 @@ def train(cfg: TrainConfig) -> int:
             )
             event = stop.check(state, signalled)
             if event in (None, "exit") and t.validator.due(state.step, state.step == cfg.train_steps):
-                t.logger.log(state.step, t.validator(state.step), console=False)
+                t.logger.log_eval(state.step, t.validator(state.step))
             if event is not None:
                 break
             t.checkpointer.maybe_save(state, "interval")
@@ -233,14 +233,27 @@ def _announce(event: str, state: TrainState, cfg: TrainConfig, stop: StopConditi
         log.info("exit_interval / exit_duration_minutes: checkpointing step %d and exiting", state.step)
 
 
+# The same notices for child interpreters (the forkserver and DataLoader workers import
+# megatron-core afresh): PYTHONWARNINGS entries, each a literal prefix of the message.
+CHILD_WARNING_FILTERS = (
+    "ignore:Transformer Engine and Apex are not installed",
+    "ignore:Transformer Engine is not installed",
+    "ignore:Apex is not installed",
+)
+
+
 def quiet_third_party_warnings() -> None:
     """Megatron-core's import-time TE / Apex fallback notices and torch.distributed
     FutureWarnings: expected on CPU and without the optional extras; call before importing
-    megatron-core."""
+    megatron-core (and before any worker process starts: they inherit PYTHONWARNINGS)."""
     warnings.filterwarnings(
         "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not"
     )
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    have = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        have + [w for w in CHILD_WARNING_FILTERS if w not in have]
+    )
 
 
 def setup_logging(cfg: TrainConfig, quiet: bool = False) -> None:

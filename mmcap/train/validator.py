@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from mmcap.train.config import TrainConfig
-
-log = logging.getLogger("mmcap.train")
 
 
 class Validator:
@@ -42,7 +39,7 @@ class Validator:
 
     def __call__(self, step: int) -> dict[str, float]:
         """Collective: every rank calls it; returns ``eval/<split>`` and ``eval_key/<key>``
-        metrics (the same on every rank)."""
+        CE, ``eval/samples`` and ``eval/time_s`` (the same on every rank)."""
         from mmcap.eval.loss import evaluate_loss
 
         n = len(self.dataset)
@@ -57,14 +54,6 @@ class Validator:
         )
         m = {f"eval/{k}": v["ce"] for k, v in res.splits.items() if v["ce"] is not None}
         m.update({f"eval_key/{k}": v["ce"] for k, v in res.keys.items() if v["ce"] is not None})
+        m["eval/samples"] = len(rows)
         m["eval/time_s"] = time.perf_counter() - t0
-        log.info(
-            "eval at step %d: %s",
-            step,
-            "  ".join(
-                f"{k} {v['ce']:.4f} ({v['samples']})"
-                for k, v in res.splits.items()
-                if v["ce"] is not None
-            ),
-        )
-        return m
+        return m  # printed, labelled, by the logger (MetricsLogger.log_eval)

@@ -105,7 +105,7 @@ def test_export_is_layout_independent_and_matches_mmcap(
 
     for tp, pp in [(2, 2), (1, 1)]:
         assert all(workers.run(_save, preset, tp, pp, str(tmp_path / f"ck{tp}{pp}")))
-        export_to_hf(tmp_path / f"ck{tp}{pp}", tmp_path / f"hf{tp}{pp}")
+        export_to_hf(tmp_path / f"ck{tp}{pp}", tmp_path / f"hf{tp}{pp}", weights_only=True)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "hf22" / "model.safetensors"))

@@ -144,7 +144,7 @@ def setup(tmp_path_factory, single_rank_parallel_state):
     ref = {}
     for preset in PRESETS:
         _save_random_checkpoint(preset, root / f"ck_{preset}")
-        export_to_hf(root / f"ck_{preset}", root / f"hf_{preset}")
+        export_to_hf(root / f"ck_{preset}", root / f"hf_{preset}", weights_only=True)
         hf = AutoModelForImageTextToText.from_pretrained(root / f"hf_{preset}").eval()
         ref[preset] = [
             _hf_ce(hf, ds.prompt_ids(i), ds.target_ids(i), jpegs[i]) for i in range(len(ds))

@@ -142,7 +142,8 @@ def test_exported_hf_masks_bart_pad_without_attention_mask(trip, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     d = trip["dir"]
-    assert convert_to_hf(["--ckpt", str(d / "B"), "--out", str(tmp_path / "hf")]) == 0
+    out = str(tmp_path / "hf")
+    assert convert_to_hf(["--ckpt", str(d / "B"), "--out", out, "--weights-only"]) == 0
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.text_config.pad_token_id == 1 and hf.config.pad_token_id == 0
     g = torch.Generator().manual_seed(3)

@@ -78,8 +78,69 @@ def test_inputs_layout(processor, files, images):
         want = [2, *sp.encode(t), 1]
         assert out.labels[i, : len(want)].tolist() == want
         assert (out.labels[i, len(want) :] == -100).all()
-    cropped = processor(text=TASKS, max_prompt_tokens=4)
-    assert cropped.input_ids.shape == (2, N_IMAGE_TOKENS + 4) and "pixel_values" not in cropped
+    cropped = processor(images=images, text=TASKS, max_prompt_tokens=4)
+    assert cropped.input_ids.shape == (2, N_IMAGE_TOKENS + 4)
+    assert cropped.input_ids[:, N_IMAGE_TOKENS:].tolist() == [p[:4] for p in out_prompts(files)]
+    placeholders = processor(text=TASKS, image_placeholders=True)  # pixels passed separately
+    assert (placeholders.input_ids[:, :N_IMAGE_TOKENS] == 999).all()
+    assert "pixel_values" not in placeholders
+
+
+def out_prompts(files) -> list[list[int]]:
+    bart = AutoTokenizer.from_pretrained(files[1])
+    return [bart(build_prompt(t))["input_ids"] for t in TASKS]
+
+
+# The standard kwargs, each compared with what the BART tokenizer itself returns for the
+# prompt texts (a Hugging Face processor's text part is its tokenizer's output).
+KWARGS = [
+    {},
+    {"padding": True},
+    {"padding": "longest", "return_tensors": "np"},
+    {"padding": "max_length", "max_length": 96},
+    {"padding": True, "truncation": True, "max_length": 6},
+    {"padding": False, "return_tensors": None},
+    {"padding": "max_length", "max_length": 96, "return_tensors": None},
+]
+
+
+@pytest.mark.parametrize("kwargs", KWARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_text_only_inputs_match_the_tokenizer(processor, files, kwargs):
+    bart = AutoTokenizer.from_pretrained(files[1])
+    tensors = kwargs.get("return_tensors", "pt")
+    want = bart([build_prompt(t) for t in TASKS], **{"padding": True, "return_tensors": "pt", **kwargs})
+    got = processor(text=TASKS, **kwargs)
+    assert set(got) == {"input_ids", "attention_mask"}  # no image placeholders, no pixels
+    for k in ("input_ids", "attention_mask"):
+        assert type(got[k]) is type(want[k])
+        if tensors is None:
+            assert got[k] == want[k]
+        else:
+            assert np.array_equal(np.asarray(got[k]), np.asarray(want[k]))
+
+
+@pytest.mark.parametrize("kwargs", KWARGS[1:5], ids=str)
+def test_kwargs_with_images_pad_the_prompt_behind_the_placeholders(processor, files, images, kwargs):
+    bart = AutoTokenizer.from_pretrained(files[1])
+    want = bart([build_prompt(t) for t in TASKS], **{"return_tensors": "pt", **kwargs})
+    got = processor(images=images, text=TASKS, **kwargs)
+    ids = np.asarray(got["input_ids"])
+    assert (ids[:, :N_IMAGE_TOKENS] == 999).all()
+    assert np.array_equal(ids[:, N_IMAGE_TOKENS:], np.asarray(want["input_ids"]))
+    assert np.array_equal(np.asarray(got["attention_mask"])[:, N_IMAGE_TOKENS:], np.asarray(want["attention_mask"]))
+    assert np.asarray(got["pixel_values"]).shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_unpadded_tensors_and_bad_kwargs_are_refused(processor, images):
+    with pytest.raises(ValueError, match="padding=True"):
+        processor(text=TASKS, padding=False)
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor(text=TASKS, return_tensors="tf")
+    with pytest.raises(ValueError, match="drop them"):
+        processor(images=images, text=TASKS, image_placeholders=False)
+    lists = processor(text=TASKS, targets=TARGETS, padding=False, return_tensors=None)
+    assert [len(x) for x in lists["labels"]] == [len(x) + 2 for x in processor.decoder_tokenizer(TARGETS, add_special_tokens=False)["input_ids"]]
+    assert all(-100 not in x for x in lists["labels"])  # unpadded labels
 
 
 def test_pixel_values_match_official_transform(processor, images):
@@ -107,3 +168,12 @@ def test_save_load_and_generate_end_to_end(processor, images, tmp_path):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     ids = [2, *loaded.decoder_tokenizer("Das Bild", add_special_tokens=False)["input_ids"], 1]
     assert loaded.decode(ids) == "Das Bild"
+    # Text-only translation: no image, the prompt alone; the model encodes it without pixels.
+    text = loaded(text=[TASKS[1]])
+    assert text.input_ids.shape[1] == len(out_prompts_of(loaded, TASKS[1]))
+    out = model.generate(**text, max_new_tokens=6, num_beams=2)
+    assert out.shape[0] == 1 and isinstance(loaded.batch_decode(out)[0], str)
+
+
+def out_prompts_of(proc, task: str) -> list[int]:
+    return proc.tokenizer(build_prompt(task))["input_ids"]

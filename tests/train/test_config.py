@@ -95,6 +95,18 @@ def test_cli_print_config(capsys):
     assert printed["data"]["sampler"]["balancing"] == "task-lang-balancing"
 
 
+def test_wandb_project_without_wandb_is_a_parse_time_error(monkeypatch, capsys):
+    """Refused when the configuration is parsed (before any model is built), naming the key
+    and both fixes; an empty value is off."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importlib finds no wandb package
+    assert main(["--preset", "debug-gemma", "logging.wandb_project=myproj"]) == 2
+    err = capsys.readouterr().err
+    assert "logging.wandb_project: set to 'myproj'" in err and "pip install wandb" in err, err
+    assert "logging.wandb_project=null" in err and "Traceback" not in err
+    cfg = load_train_config("debug-gemma", None, ["logging.wandb_project="])
+    assert cfg.logging.wandb_project is None
+
+
 @pytest.mark.slow
 def test_cli_subprocess_exit_code():
     """As a user runs it: exit 2, one line on stderr naming the key, no traceback."""

@@ -5,6 +5,7 @@ import builtins
 import json
 import logging
 import math
+import os
 import sys
 
 import pytest
@@ -80,14 +81,64 @@ def test_console_line(caplog):
     assert rec.levelno == logging.INFO
     # eta: 880 steps x 3.75 s = 3300 s
     assert rec.getMessage() == (
-        "step 120/1000 (12.0%) | loss 3.2143 | lr 9.91e-05 | grad_norm 1.234 | 1234 tok/s | "
+        "train step 120/1000 (12.0%) | loss 3.2143 | lr 9.91e-05 | grad_norm 1.234 | 1234 tok/s | "
         "12.3 img/s | 45.6 TFLOP/s/GPU | MFU 4.6% | mem 12.3 GiB | eta 55m00s"
     )
     log.log(122, {"step_time_s": 4.25}, console=False)  # moving average: (3.75 + 4.25) / 2
     assert (
-        log.console_line(880, {"loss": math.nan}) == "step 880/1000 (88.0%) | loss nan | eta 8m00s"
+        log.console_line(880, {"loss": math.nan})
+        == "train step 880/1000 (88.0%) | loss nan | eta 8m00s"
     )
-    assert MetricsLogger().console_line(5, {"lr": 1e-3}) == "step 5 | lr 1.00e-03"
+    assert MetricsLogger().console_line(5, {"lr": 1e-3}) == "train step 5 | lr 1.00e-03"
+
+
+def test_eval_lines_are_labelled_with_the_metric_names(caplog, tmp_path):
+    """Validation on the console: "eval", the step, the data, then every value under the name
+    it has in metrics.jsonl / TensorBoard (splits on one line, task-language keys on another)."""
+    log = MetricsLogger(total_steps=300, metrics_file=str(tmp_path / "m.jsonl"))
+    metrics = {
+        "eval/SC": 2.34567,
+        "eval/UC": 3.5,
+        "eval/ST": 1.25,
+        "eval_key/caption-en": 2.0,
+        "eval_key/translation-zh": 1.5,
+        "eval/samples": 36,
+        "eval/time_s": 1.26,
+    }
+    with caplog.at_level(logging.INFO, logger="mmcap.train"):
+        log.log_eval(50, metrics)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmcap.train"]
+    head = "eval step 50/300 | data.valid (36 samples, 1.3 s)"
+    assert lines == [
+        f"{head} | eval/SC 2.3457 | eval/UC 3.5000 | eval/ST 1.2500",
+        f"{head} | eval_key/caption-en 2.0000 | eval_key/translation-zh 1.5000",
+    ]
+    log.close()
+    (record,) = read_metrics(tmp_path / "m.jsonl")
+    names = {w for line in lines for w in line.split() if w.startswith(("eval/", "eval_key/"))}
+    assert names <= set(record) and record["step"] == 50
+
+
+def test_third_party_notices_are_quiet_in_worker_processes(monkeypatch):
+    """DataLoader workers (forkserver children) import megatron-core afresh: they inherit the
+    filters through PYTHONWARNINGS, so its TE / Apex notices stay off the console there too."""
+    import subprocess
+
+    from mmcap.train.loop import quiet_third_party_warnings
+
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore::ResourceWarning")
+    quiet_third_party_warnings()
+    quiet_third_party_warnings()  # idempotent
+    env = os.environ["PYTHONWARNINGS"].split(",")
+    assert env[0] == "ignore::ResourceWarning" and len(env) == len(set(env)) == 4
+    code = (
+        "import warnings\n"
+        "warnings.warn('Apex is not installed. Falling back to Torch optimizers.')\n"
+        "warnings.warn('Transformer Engine and Apex are not installed. Falling back')\n"
+        "warnings.warn('something else')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    assert "Apex" not in err and "something else" in err, err
 
 
 def test_format_duration():

@@ -277,7 +277,9 @@ def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_p
     rc, out = world1.run(
         tool_in_process,
         "convert_to_hf",
-        ["--ckpt", str(reference_run), "--out", str(tmp_path / "hf")],
+        # Synthetic data records no tokenizers: the weights alone (complete exports of
+        # tokenized data: tests/hf/test_complete_export.py).
+        ["--ckpt", str(reference_run), "--out", str(tmp_path / "hf"), "--weights-only"],
     )[0]
     assert rc == 0, out
     assert (tmp_path / "hf" / "config.json").is_file()
@@ -290,7 +292,7 @@ def test_training_checkpoint_feeds_eval_and_export(dataset, reference_run, tmp_p
         f.truncate(shard.stat().st_size // 3)
     for tool, extra in [
         ("eval_loss", ["--data", str(dataset)]),
-        ("convert_to_hf", ["--out", str(tmp_path / "hf2")]),
+        ("convert_to_hf", ["--out", str(tmp_path / "hf2"), "--weights-only"]),
     ]:
         rc, out = world1.run(tool_in_process, tool, ["--ckpt", str(bad), *extra])[0]
         assert rc != 0 and str(shard) in out and "Traceback" not in out, (tool, out)
