@@ -195,10 +195,16 @@ def main(argv=None) -> int:
         )
     rank_last = dist.get_rank() == dist.get_world_size() - 1
     if rank_last:
+        lengths = (
+            f"prompt {b.prompt_tokens} / target {b.target_tokens} tokens"
+            if b.lengths is None
+            else f"lengths '{b.lengths}' cropped to {b.prompt_tokens} / {b.target_tokens} (mean "
+            f"{results[0]['mean_prompt_tokens']:.1f} / {results[0]['mean_target_tokens']:.1f})"
+        )
         print(
-            f"{args.preset}: {results[0]['image_size']} px, prompt {b.prompt_tokens} / target "
-            f"{b.target_tokens} tokens, {b.precision}, layout {results[0]['layout']}, "
-            f"global batch {results[0]['global_batch_size']}, {b.steps} timed steps"
+            f"{args.preset}: {results[0]['image_size']} px, {lengths}, {b.precision}, layout "
+            f"{results[0]['layout']}, global batch {results[0]['global_batch_size']}, "
+            f"{b.steps} timed steps"
         )
         print(throughput_table(results))
         if args.json:
