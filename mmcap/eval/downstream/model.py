@@ -88,7 +88,7 @@ class DownstreamModel:
 
     def _hf_scores(self, tasks, images, texts):
         p = self.pipe
-        enc = p.processor(text=tasks)
+        enc = p.processor(text=tasks, image_placeholders=True)  # pixels read below
         pixels = read_images(images, p.image_size)
         tok = p.processor.decoder_tokenizer
         cfg = self.config
