@@ -6,7 +6,8 @@
 Token batches run on one CPU core (torch/numpy threads = 1) from an indexed dataset (a
 synthetic one of random ids unless --dataset is given): the task-language sampler over the
 7 pretraining keys, global batch 1024, padded to 128/128. Images: PIL decode + bicubic resize +
-normalise per core at 224 and 768 px; on a CUDA machine also the torchvision (nvjpeg) and DALI
+normalise per core at 224 and 768 px; DALI's CPU pipeline at 768 px (one thread and every core)
+where nvidia-dali is installed; on a CUDA machine also the torchvision (nvjpeg) and DALI
 back-ends at 768 px with their maximum difference from PIL. Prints a table, writes JSON.
 """
 
@@ -58,12 +59,23 @@ def bench_images(jpegs: list[bytes], seconds: float, gpu: bool) -> dict:
     import torch
 
     from mmcap.data.config import ImageConfig
-    from mmcap.data.images import available_backends, build_image_decoder
+    from mmcap.data.images import HAVE_DALI, available_backends, build_image_decoder
 
     out = {}
     for size in (224, 768):
         dec = build_image_decoder(ImageConfig(size=size, backend="pil"))
         out[f"pil_{size}_images_per_s_per_core"] = _rate(lambda d=dec: d(jpegs[:16]), 16, seconds)
+    if HAVE_DALI:  # the CPU pipeline, on one thread (per core, as PIL) and on every core
+        ref = build_image_decoder(ImageConfig(size=768, backend="pil"))(jpegs)
+        cores = len(os.sched_getaffinity(0))
+        for threads, label in ((1, "per_core"), (cores, f"{cores}_threads")):
+            cfg = ImageConfig(size=768, backend="dali", dali_device="cpu", device="cpu")
+            dec = build_image_decoder(cfg, max_batch_size=len(jpegs), num_threads=threads)
+            rate = _rate(lambda d=dec: d(jpegs), len(jpegs), seconds)
+            out[f"dali_cpu_768_images_per_s_{label}"] = rate
+        diff = (dec(jpegs) - ref).abs()
+        out["dali_cpu_768_max_abs_diff_vs_pil"] = diff.max().item()
+        out["dali_cpu_768_mean_abs_diff_vs_pil"] = diff.mean().item()
     if gpu:
         ref = build_image_decoder(ImageConfig(size=768, backend="pil"))(jpegs)
         for name in available_backends()[1:]:
@@ -112,7 +124,10 @@ def main(argv=None) -> int:
     }
     print(f"{'measurement':<44} {'value':>14}")
     for k, v in result.items():
-        print(f"{k:<44} {v:>14,.1f}" if isinstance(v, float) else f"{k:<44} {v!s:>14}")
+        if isinstance(v, float):  # rates with one decimal; differences (< 1) with 3 digits
+            print(f"{k:<44} {v:>14,.1f}" if abs(v) >= 1 else f"{k:<44} {v:>14.3g}")
+        else:
+            print(f"{k:<44} {v!s:>14}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -205,14 +205,18 @@ class ImageConfig:
     Args:
         size: square output side (224 pretraining, 768 fine-tuning).
         backend: "pil" (CPU, DataLoader workers), "torchvision" (nvjpeg, batched on CUDA),
-            "dali" (NVIDIA DALI pipeline), or "auto" (dali > torchvision > pil, as installed
-            and with CUDA).
+            "dali" (NVIDIA DALI pipeline, on the CPU or the GPU: ``dali_device``), or "auto"
+            (dali > torchvision > pil, as installed and with CUDA; pil without CUDA).
         mean / std: ImageNet normalisation (SYSTEM.md).
         device: CUDA device of the GPU back-ends.
+        dali_device: where the dali back-end decodes and resizes: "cpu" (a CPU-only DALI
+            pipeline, no GPU needed), "gpu" (nvjpeg "mixed" decode on ``device``), or "auto"
+            ("gpu" when ``device`` is a CUDA device and CUDA is available, else "cpu").
         load_truncated: the PIL back-end decodes a truncated JPEG with its missing tail grey
             (PIL ``LOAD_TRUNCATED_IMAGES``, as the official loader) instead of failing. Only
             datasets preprocessed with ``truncated_images="load"`` hold such images (the
-            default rejects them); the GPU back-ends do not implement it.
+            default rejects them); torchvision does not implement it; dali decodes a batch
+            holding one with the PIL back-end.
     """
 
     size: int = 224
@@ -220,6 +224,7 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     device: str = "cuda"
+    dali_device: str = "auto"
     load_truncated: bool = True
 
     def __post_init__(self) -> None:
@@ -228,6 +233,11 @@ class ImageConfig:
             self.backend in ("pil", "torchvision", "dali", "auto"),
             "ImageConfig.backend",
             f"must be one of pil, torchvision, dali, auto; got {self.backend!r}",
+        )
+        require(
+            self.dali_device in ("auto", "cpu", "gpu"),
+            "ImageConfig.dali_device",
+            f"must be one of auto, cpu, gpu; got {self.dali_device!r}",
         )
         require(
             len(self.mean) == 3 and len(self.std) == 3 and all(s > 0 for s in self.std),

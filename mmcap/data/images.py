@@ -8,18 +8,23 @@ transform is torchvision ``Resize((S, S), interpolation=BICUBIC)`` on a PIL imag
 - ``pil``: PIL on the CPU (DataLoader workers); bit-identical to the official transform.
 - ``torchvision``: ``torchvision.io.decode_jpeg(device="cuda")`` on the whole batch (nvjpeg),
   antialiased bicubic resize on the GPU (grouped by source size), normalise on the GPU.
-- ``dali``: NVIDIA DALI, ``fn.external_source`` -> ``fn.decoders.image(device="mixed")`` ->
-  ``fn.resize`` (cubic, antialias) -> ``fn.crop_mirror_normalize``.
+- ``dali``: NVIDIA DALI, ``fn.external_source`` -> ``fn.decoders.image`` (``device="cpu"`` in
+  a CPU-only pipeline, or ``"mixed"``: nvjpeg; ``ImageConfig.dali_device``) -> two
+  ``fn.resize`` passes (cubic, antialias, uint8 between them as PIL) ->
+  ``fn.crop_mirror_normalize``. Its CPU pipeline runs in CI against ``pil``
+  (tests/data/test_images_dali.py states the measured differences).
 
-GPU back-ends resample in float without PIL's 8-bit intermediate, so they differ from ``pil``
-by a few grey levels; ``tools/bench_data.py`` reports the maximum difference.
+The torchvision back-end resamples in float without PIL's 8-bit intermediate, so it differs
+from ``pil`` by a few grey levels; ``tools/bench_data.py`` reports the maximum difference.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib.util
 import io
 import logging
+import os
 
 import numpy as np
 import torch
@@ -36,11 +41,9 @@ try:
     HAVE_TORCHVISION = True
 except ImportError:  # no CPU torchvision wheel for torch 2.13 on the dev machines
     HAVE_TORCHVISION = False
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAVE_DALI = True
-except ImportError:
+try:  # found, not imported: importing DALI costs ~0.5 s in every process that imports this
+    HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
+except ImportError:  # no "nvidia" package at all
     HAVE_DALI = False
 
 
@@ -60,6 +63,7 @@ class ImageDecoder(abc.ABC):
     """
 
     name = "base"
+    supports_tolerant = False  # takes ``tolerant`` and counts ``failures`` (PILDecoder's)
 
     def __init__(self, cfg: ImageConfig):
         self.cfg = cfg
@@ -73,6 +77,7 @@ class PILDecoder(ImageDecoder):
     """PIL decode + ``Image.resize((S, S), BICUBIC)`` on the CPU."""
 
     name = "pil"
+    supports_tolerant = True
 
     def __init__(self, cfg: ImageConfig, tolerant: bool = False):
         super().__init__(cfg)
@@ -147,30 +152,64 @@ class TorchvisionDecoder(ImageDecoder):
 class DALIDecoder(ImageDecoder):
     """NVIDIA DALI pipeline fed from memory (the mmap image store) by ``fn.external_source``.
 
+    ``fn.decoders.image`` on the CPU (``device_id=None``, a CPU-only pipeline) or on the GPU
+    ("mixed": nvjpeg), chosen by ``cfg.dali_device``. The resize runs as PIL's does: the
+    horizontal pass, rounded and clamped to uint8, then the vertical pass (both antialiased
+    cubic, a = -0.5); one 2-D float resize instead differs from PIL by up to 20 grey levels
+    at sharp edges (PIL's clamped 8-bit intermediate; measured on the demo photographs).
+
+    A batch DALI cannot decode (corrupt, or a truncated JPEG that PIL loads with
+    ``load_truncated``) is decoded by :class:`PILDecoder` instead, with its tolerance and its
+    failure count: DALI raises for the whole batch and invalidates the pipeline, which is
+    rebuilt.
+
     Args:
         cfg: image config. max_batch_size: largest batch passed in (DALI allocates for it).
+        num_threads: DALI CPU worker threads (default: the usable cores, at most 8).
+        tolerant: as :class:`PILDecoder` (a broken image becomes blank and is counted).
     """
 
     name = "dali"
+    supports_tolerant = True
 
-    def __init__(self, cfg: ImageConfig, max_batch_size: int = 1024, num_threads: int = 4):
+    def __init__(
+        self,
+        cfg: ImageConfig,
+        max_batch_size: int = 1024,
+        num_threads: int | None = None,
+        tolerant: bool = False,
+    ):
         super().__init__(cfg)
-        if not (HAVE_DALI and torch.cuda.is_available()):
-            raise RuntimeError("the dali back-end needs nvidia-dali and CUDA; use 'pil'")
+        if not HAVE_DALI:
+            raise RuntimeError(
+                "data.image.backend='dali' needs nvidia-dali (pip install "
+                "nvidia-dali-cuda130==2.4.0, as in requirements-cpu.txt); or use backend 'pil'"
+            )
+        self.device = resolve_dali_device(cfg)
         self.max_batch_size = max_batch_size
-        dev = torch.device(cfg.device)
-        self.device_id = dev.index if dev.index is not None else torch.cuda.current_device()
+        self.num_threads = num_threads or min(8, len(os.sched_getaffinity(0)))
+        if self.device == "gpu":
+            dev = torch.device(cfg.device)
+            self.device_id = dev.index if dev.index is not None else torch.cuda.current_device()
+        else:
+            self.device_id = None  # a CPU-only pipeline: no CUDA context, no GPU needed
+        self._fallback = PILDecoder(cfg, tolerant=tolerant)
         self._pending: list[np.ndarray] = []
-        self.pipe = self._build(num_threads)
+        self.pipe = self._build()
 
-    def _build(self, num_threads: int):
+    @property
+    def failures(self) -> int:
+        """Images that failed to decode (tolerant mode), counted by the PIL fallback."""
+        return self._fallback.failures
+
+    def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
         s, mean, std = self.cfg.size, self.cfg.mean, self.cfg.std
 
         @pipeline_def(
             batch_size=self.max_batch_size,
-            num_threads=num_threads,
+            num_threads=self.num_threads,
             device_id=self.device_id,
             prefetch_queue_depth=1,
             exec_async=False,
@@ -182,11 +221,16 @@ class DALIDecoder(ImageDecoder):
             )
             # No EXIF rotation: the official PIL transform does not apply it either.
             images = fn.decoders.image(
-                jpegs, device="mixed", output_type=types.RGB, adjust_orientation=False
+                jpegs,
+                device="cpu" if self.device == "cpu" else "mixed",
+                output_type=types.RGB,
+                adjust_orientation=False,
             )
-            images = fn.resize(
-                images, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True
-            )
+            hw = fn.cast(images.shape(), dtype=types.FLOAT)  # [H, W, C] per sample
+            cubic = dict(interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+            # PIL's order: horizontal pass to uint8 (rounded, clamped), then vertical.
+            images = fn.resize(images, resize_x=s, resize_y=hw[0], **cubic)
+            images = fn.resize(images, resize_x=s, resize_y=s, **cubic)
             return fn.crop_mirror_normalize(
                 images,
                 dtype=types.FLOAT,
@@ -203,13 +247,42 @@ class DALIDecoder(ImageDecoder):
         if len(jpegs) > self.max_batch_size:
             raise ValueError(f"batch of {len(jpegs)} > max_batch_size {self.max_batch_size}")
         self._pending = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
-        (out,) = self.pipe.run()
-        dense = out.as_tensor()  # TensorGPU [B, 3, S, S]
+        try:
+            (out,) = self.pipe.run()
+        except RuntimeError as e:
+            self.pipe = self._build()  # DALI invalidates a pipeline after an operator error
+            log.warning(
+                "DALI could not decode a batch of %d images (%s); decoding it with PIL",
+                len(jpegs),
+                " ".join(str(e).split())[:300] or type(e).__name__,
+            )
+            result = self._fallback(jpegs)
+            return result.to(self.cfg.device) if self.device == "gpu" else result
+        finally:
+            self._pending = []
+        dense = out.as_tensor()  # [B, 3, S, S]
+        if self.device == "cpu":
+            return torch.from_numpy(np.array(dense))  # a copy: DALI reuses its buffers
         result = torch.empty(dense.shape(), dtype=torch.float32, device=self.cfg.device)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream())
         return result
+
+
+def resolve_dali_device(cfg: ImageConfig) -> str:
+    """"cpu" or "gpu" for ``cfg.dali_device`` ("auto": the GPU when ``cfg.device`` is a CUDA
+    device and CUDA is available, else the CPU pipeline)."""
+    cuda = torch.cuda.is_available()
+    if cfg.dali_device == "auto":
+        return "gpu" if cuda and torch.device(cfg.device).type == "cuda" else "cpu"
+    if cfg.dali_device == "gpu" and not (cuda and torch.device(cfg.device).type == "cuda"):
+        raise RuntimeError(
+            f"data.image.dali_device='gpu' needs CUDA and a CUDA data.image.device (got "
+            f"{cfg.device!r}, CUDA available: {cuda}); set data.image.dali_device to 'cpu' or "
+            "'auto' for DALI's CPU pipeline"
+        )
+    return cfg.dali_device
 
 
 BACKENDS = {"pil": PILDecoder, "torchvision": TorchvisionDecoder, "dali": DALIDecoder}
@@ -222,11 +295,17 @@ def available_backends() -> list[str]:
     return out
 
 
-def build_image_decoder(cfg: ImageConfig, **kwargs) -> ImageDecoder:
-    """The configured back-end ("auto": dali > torchvision > pil among those available)."""
+def build_image_decoder(cfg: ImageConfig, tolerant: bool = False, **kwargs) -> ImageDecoder:
+    """The configured back-end ("auto": dali > torchvision > pil among those available with
+    CUDA; on a CPU-only machine "pil", faster there than DALI's CPU pipeline per core, see
+    README). ``tolerant`` (training) reaches the back-ends that support it (pil, dali: a broken
+    image becomes blank and is counted in ``decoder.failures``); torchvision raises instead."""
     name = cfg.backend
     if name == "auto":
         name = available_backends()[-1]
-    decoder = BACKENDS[name](cfg, **kwargs)
+    cls = BACKENDS[name]
+    if cls.supports_tolerant:
+        kwargs["tolerant"] = tolerant
+    decoder = cls(cfg, **kwargs)
     log.info("image decoder: %s at %d px", decoder.name, cfg.size)
     return decoder

@@ -162,13 +162,15 @@ def iterate_batches(
             yield assemble(gb)
         return
     if image_cfg.backend != "pil":
-        decoder = build_image_decoder(image_cfg)
+        decoder = build_image_decoder(image_cfg, tolerant=True)
         store = _ImageStore([str(ds.path) for ds in datasets])
         for gb in sampler:
             batch = assemble(gb)
+            before = getattr(decoder, "failures", 0)
             batch.pixels = decode_batch(
                 decoder, store, batch.dataset, batch.image, image_cfg, device=image_cfg.device
             )
+            batch.decode_failures = getattr(decoder, "failures", 0) - before
             yield batch
         return
     pending: deque[CaptionBatch] = deque()
