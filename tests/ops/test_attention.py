@@ -317,11 +317,13 @@ def _small(dtype=torch.float32):
 def test_cpu_auto_choice_and_forcing(fresh_registry_log):
     q, k, v = _small()
     assert select_backend(q, k, v, causal=True, softcap=2.0, window=3) == "math"
-    assert available_backends("cpu") == ["math", "flex"]  # flash / te need CUDA
+    assert available_backends("cpu") == ["math", "flex", "sdpa"]  # flash / te need CUDA
     with pytest.raises(RuntimeError, match="'flash' forced by backend='flash'"):
         attention(q, k, v, softmax_scale=0.3, causal=True, backend="flash")
-    with pytest.raises(ValueError, match="unknown attention back-end 'sdpa'"):
-        attention(q, k, v, softmax_scale=0.3, causal=True, backend="sdpa")
+    with pytest.raises(ValueError, match="unknown attention back-end 'cudnn'"):
+        attention(q, k, v, softmax_scale=0.3, causal=True, backend="cudnn")
+    with pytest.raises(RuntimeError, match="'sdpa' forced by backend='sdpa'.*softcap"):
+        attention(q, k, v, softmax_scale=0.3, causal=True, softcap=2.0, backend="sdpa")
     with pytest.raises(RuntimeError, match="no attention dropout"):
         select_backend(q, k, v, causal=True, dropout_p=0.1, backend="flex")
     with pytest.raises(RuntimeError, match="no backward on cpu"):  # torch 2.13 flex on CPU
@@ -379,6 +381,44 @@ def test_input_validation(q_shape, kv_shape, k_dtype, overrides, match):
         attention(q, k, v, softmax_scale=0.3, **{"causal": True, **overrides})
 
 
+# ---------------------------------------------------------------- sdpa (CPU, forced)
+SDPA_CASES = [c for c in CASES if "softcap" not in c[2]]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", SDPA_CASES, ids=[c[0] for c in SDPA_CASES])
+def test_sdpa_matches_naive_forward_backward(name, shape, kwargs):
+    """torch's scaled_dot_product_attention (CPU kernels, float64) against the independent
+    loop: masks, GQA, an example with no real key (0 out, 0 gradients, no NaN)."""
+    b, s_q, s_k, h_q, h_kv, d = shape
+    kw, pad = _split(kwargs, b, s_k)
+    scale = d**-0.5
+    q, k, v = _inputs(*shape)
+    out = attention(q, k, v, softmax_scale=scale, kv_padding_mask=pad, backend="sdpa", **kw)
+    ref = _naive_attention(q, k, v, scale=scale, pad=pad, **kw)
+    torch.testing.assert_close(out, ref, atol=F64_TOL, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g_got, g_want, n in zip(got, want, "qkv"):
+        assert not g_got.isnan().any(), f"NaN in d{n}"
+        torch.testing.assert_close(g_got, g_want, atol=F64_TOL, rtol=0, msg=f"d{n} ({name})")
+
+
+def test_sdpa_takes_only_calls_without_softcap_or_packing():
+    from mmcap.ops.attention import sdpa
+
+    q, k, v = _small()
+    common = dict(causal=True, window=None, kv_padding_mask=None, dropout_p=0.0)
+    assert sdpa.supports(q, k, v, softcap=None, **common) == (True, "")
+    assert not sdpa.supports(q, k, v, softcap=50.0, **common)[0]
+    doc = torch.zeros(1, 6, dtype=torch.int32)
+    assert not sdpa.supports(q, k, v, softcap=None, doc_ids=(doc, doc), **common)[0]
+    # On CUDA it comes before flex, so BART attention (no cap) gets the fused SDPA kernels and
+    # soft-capped Gemma-2 calls fall through to flex when flash-attn is not installed.
+    order = registry.AUTO_ORDER_CUDA
+    assert order.index("sdpa") < order.index("flex")
+
+
 # ---------------------------------------------------------------- GPU back-ends (bf16)
 GPU_CASES = [
     (
@@ -392,7 +432,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash", "te", "flex"])
+@pytest.mark.parametrize("backend", ["flash", "te", "flex", "sdpa"])
 @pytest.mark.parametrize("shape,kwargs", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
 def test_gpu_backend_matches_math_bf16(backend, shape, kwargs):
     if not torch.cuda.is_available():

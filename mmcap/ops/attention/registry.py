@@ -5,11 +5,12 @@ that device) and `supports(q, k, v, *, causal, softcap, window, kv_padding_mask,
 (this call's features), both returning `(ok, reason)`, plus its forward function.
 
 Choice, highest priority first:
-1. env var `MMCAP_ATTN_BACKEND=math|flex|flash|te` (global switch, e.g. to force the
-   reference path; STYLE.md rule 5) -- it wins over the `backend=` argument;
+1. env var `MMCAP_ATTN_BACKEND=math|flex|flash|te|sdpa` (global switch, e.g. to force the
+   reference path) -- it wins over the `backend=` argument;
 2. the `backend=` argument;
-3. automatic: on CUDA the first usable of flash, te, flex, math; elsewhere math (flex on CPU
-   only when forced: its compile is slow and it has no CPU backward).
+3. automatic: on CUDA the first usable of flash, te, sdpa (calls without a soft-cap), flex,
+   math; elsewhere math (flex and sdpa on CPU only when forced: flex's compile is slow and it
+   has no CPU backward; math is the reference).
 A forced back-end that cannot run the call is an error naming who forced it. Each
 (back-end, reason) choice is logged once at INFO on logger "mmcap.ops.attention".
 """
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from mmcap.ops.attention import flash, flex, math_ref, te
+from mmcap.ops.attention import flash, flex, math_ref, sdpa, te
 from mmcap.ops.attention.math_ref import check_attention_inputs
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 ENV_VAR = "MMCAP_ATTN_BACKEND"
-AUTO_ORDER_CUDA = ("flash", "te", "flex", "math")
+AUTO_ORDER_CUDA = ("flash", "te", "sdpa", "flex", "math")
 AUTO_ORDER_OTHER = ("math",)
 
 logger = logging.getLogger("mmcap.ops.attention")
@@ -81,6 +82,7 @@ for _row in (
     AttentionBackend("flex", flex.is_available, flex.supports, flex.flex_forward),
     AttentionBackend("flash", flash.is_available, flash.supports, flash.flash_forward),
     AttentionBackend("te", te.is_available, te.supports, te.te_forward),
+    AttentionBackend("sdpa", sdpa.is_available, sdpa.supports, sdpa.sdpa_forward),
 ):
     register_backend(_row)
 
