@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmcap.ops.kernels import load_extension, use_kernel
+from mmcap.ops.kernels import load_extension, use_fused_op, use_kernel
 
 __all__ = ["geglu", "geglu_ref"]
 
@@ -100,7 +100,8 @@ geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """GeGLU on [gate ; up]: the CUDA kernel when usable (CUDA tensor, extension built,
-    MMCAP_DISABLE_KERNELS unset), else :func:`geglu_ref`."""
-    if _kernel_ok(x):
+    MMCAP_DISABLE_KERNELS unset), else :func:`geglu_ref` (``MMCAP_FUSED_OPS_ON_CPU=1``: the
+    custom ops with their torch math, as the kernel path saves for backward)."""
+    if _kernel_ok(x) or use_fused_op(_OP, x):
         return torch.ops.mmcap.geglu_fwd(x)
     return geglu_ref(x)

@@ -16,9 +16,20 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["DISABLE_ENV", "kernels_disabled", "load_extension", "use_kernel"]
+__all__ = [
+    "DISABLE_ENV",
+    "FUSED_ON_CPU_ENV",
+    "kernels_disabled",
+    "load_extension",
+    "use_fused_op",
+    "use_kernel",
+]
 
 DISABLE_ENV = "MMCAP_DISABLE_KERNELS"
+# Run the fused ops' autograd path (the custom ops, with their torch tiles where the kernel is
+# not usable) instead of the plain-autograd references: what the CUDA path saves for backward
+# and computes, on CPU (the memory model's tests, end-to-end checks of the op path).
+FUSED_ON_CPU_ENV = "MMCAP_FUSED_OPS_ON_CPU"
 logger = logging.getLogger("mmcap.ops")
 
 
@@ -46,3 +57,11 @@ def use_kernel(op: str, *tensors: torch.Tensor) -> bool:
     if kernels_disabled() or not all(t.is_cuda for t in tensors):
         return False
     return load_extension(op) is not None
+
+
+def use_fused_op(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``op`` goes through its fused autograd path (custom ops): the kernel is usable,
+    or ``MMCAP_FUSED_OPS_ON_CPU=1`` asks for the path with the ops' torch tiles."""
+    if use_kernel(op, *tensors):
+        return True
+    return not kernels_disabled() and os.environ.get(FUSED_ON_CPU_ENV, "0") in ("1", "true")

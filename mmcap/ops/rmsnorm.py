@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcap.ops.kernels import load_extension, use_kernel
+from mmcap.ops.kernels import load_extension, use_fused_op, use_kernel
 
 __all__ = ["rmsnorm", "rmsnorm_ref"]
 
@@ -96,7 +96,11 @@ rmsnorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm(1 + weight) over the last dim: the CUDA kernel when usable (CUDA tensors, the
-    extension built, MMCAP_DISABLE_KERNELS unset, one dtype), else :func:`rmsnorm_ref`."""
-    if _kernel_ok(x, weight):
+    extension built, MMCAP_DISABLE_KERNELS unset, one dtype), else :func:`rmsnorm_ref`
+    (``MMCAP_FUSED_OPS_ON_CPU=1``: the custom ops with their torch math, as the kernel path
+    saves for backward)."""
+    if _kernel_ok(x, weight) or (
+        weight.dtype == x.dtype and use_fused_op(_OP, x, weight)
+    ):
         return torch.ops.mmcap.rmsnorm_fwd(x, weight, eps)[0]
     return rmsnorm_ref(x, weight, eps)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
-from mmcap.ops.kernels import load_extension, use_kernel
+from mmcap.ops.kernels import load_extension, use_fused_op, use_kernel
 
 __all__ = ["IGNORE_INDEX", "softcap_ce", "softcap_ce_fused", "softcap_ce_ref"]
 
@@ -314,7 +314,7 @@ def softcap_ce(
         tp_group: the TP group to all-reduce the statistics over (None: one rank).
         token_chunk / vocab_chunk: tile size of the chunked computation.
     """
-    if use_kernel(_OP, h, weight) and h.dtype == weight.dtype:
+    if use_fused_op(_OP, h, weight) and h.dtype == weight.dtype:
         return softcap_ce_fused(
             h, weight, labels, cap=cap, vocab_start=vocab_start, vocab_size=vocab_size,
             tp_group=tp_group, token_chunk=token_chunk, vocab_chunk=vocab_chunk,

@@ -15,23 +15,26 @@ its ``requires_grad`` flags, :func:`stage_parameters`):
 Activations (bytes, bf16 = 2, per micro-batch, after Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models": 34 sbh + 5 a s^2 b per layer, there
 for a trainable GPT layer with LayerNorm and dropout), re-derived from what mmcap's layers
-save for backward. Per token, ``R`` terms are replicated over the TP group (divided by TP
-with sequence parallelism), ``S`` terms are TP-sharded (divided by TP). A frozen linear
-(megatron-core ``linear_with_frozen_weight``) saves no input; a trainable one saves its
-bf16 input. Gemma's RMSNorm computes in fp32 and saves its fp32 input (4 B), plus its fp32
-normalised output (4 B) when its weight trains. q = heads x head_dim, kv = kv_heads x
-head_dim, f = FFN width, nh = heads, T = 1 where the block's weights train:
+save for backward, on the fused-op path (``csrc/`` kernels on GPUs; the tests measure it on CPU
+with ``MMCAP_FUSED_OPS_ON_CPU=1``, the custom ops with their torch math; the plain-autograd
+references CPU runs by default save more: fp32 logits tiles, RMSNorm / GELU temporaries).
+Per token, ``R`` terms are replicated over the TP group (divided by TP with sequence
+parallelism), ``S`` terms are TP-sharded (divided by TP). A frozen linear (megatron-core
+``linear_with_frozen_weight``) saves no input; a trainable one saves its bf16 input. Gemma's
+fused RMSNorm saves its bf16 input and an fp32 rstd per token (2 h + 4); the fused GeGLU its
+[gate ; up] input only. q = heads x head_dim, kv = kv_heads x head_dim, f = FFN width,
+nh = heads, T = 1 where the block's weights train:
 
 - attention core, memory-efficient kernel (flash / TE / flex): Q, K, V, O + fp32
   log-sum-exp (4 nh); no s^2 term. The ``math`` back-end adds, per score, 2 (bf16
   probabilities) + 4 (fp32 softmax) + 2 with soft-cap + 3 with dropout (mask + output):
   the 5 a s^2 b term.
 - Gemma-2 layer (self-attn + gated cross-attn + GeGLU, 5 norms), per decoder token:
-  R = 4(1+T) x 4 norms + 2T (qkv in) + 2T (fc1 in) + 2 (xattn q in) + 8 (xattn post-norm)
-  + 2 (gate product); S = 2(q + 2kv) (fused qkv, alive through the v view) + 2q + 2kv
+  R = 5 (2h + 4) (4 sandwich norms + xattn post-norm) + 2T (qkv in) + 2T (fc1 in) + 2 (xattn
+  q in) + 2 (gate product); S = 2(q + 2kv) (fused qkv, alive through the v view) + 2q + 2kv
   (rotated q, k) + 2q (O) + 2Tq (proj in) + 4nh + 6q + 4nh (xattn Q, O, proj in) + 4f (fc1
-  out) + 2f (GELU out) + 2Tf (fc2 in); plus 4 kv per ENCODER token (the cross-attn K, V).
-  For the Gemma sizes (T = 0): R = 28 h, S = 12q + 6kv + 6f + 8nh.
+  out = GeGLU input) + 2Tf (fc2 in); plus 4 kv per ENCODER token (the cross-attn K, V).
+  For the Gemma sizes (T = 0): R = 14 h + 20, S = 12q + 6kv + 4f + 8nh.
 - BART layer (post-LN, biases; dropout p > 0 keeps 1-byte masks on CUDA, 2 B on CPU), per
   token: self-attention R = 2T + 1 (dropout mask) + 2 (LN in), S = 6h (fused qkv: q, k, v
   are views) + 2h (O) + 2Th + 4nh; MLP R = 2T + 1 + 2,
@@ -41,11 +44,13 @@ head_dim, f = FFN width, nh = heads, T = 1 where the block's weights train:
   by the kernel besides the projection's input copy) + 4 (BART's activation-dropout mask).
 - embeddings: BART LN (2) + dropout mask (1) R per token; Gemma's scaled embedding nothing.
 - per stage and micro-batch: the encoder output [s_enc, b, 1024] that every cross-attention
-  ``linear_kv`` saves (one tensor shared by the stage's layers; later stages unpack a copy).
-- head (last stage): final norm + LM-head input (R) and the logits [s, b, V/TP]: 4 B fp32
-  softmax kept by megatron-core's vocab-parallel cross-entropy + 2 B tanh output of the
-  final soft-cap (Gemma) saved; while they are made, the bf16 head output and the soft-cap
-  temporary (2 + 2 B, a transient) are alive too.
+  ``linear_kv`` saves (one tensor shared by the stage's layers; later stages unpack a copy);
+  Gemma stages also keep the RoPE cos / sin tables (2 x 2 B x head_dim per token).
+- head (last stage): final norm (2h + 4, R) and the fused LM-head loss (``logits`` in the
+  breakdown; no logits are kept): its input hidden states on every TP rank (2h, not divided
+  under sequence parallelism, which gathers them), int64 labels, fp32 lse and the ignore mask
+  (13 B) per token; a transient of one fp32 logits tile (x2, forward temporaries), fp32 dh and
+  a dW tile.
 - recompute: "selective" recomputes the attention core (drops the s^2 terms, O and the
   log-sum-exp; with a flash kernel the gain is small); "full" keeps only each layer's input
   (2 h R per token) and rebuilds one layer at a time in backward (a transient).
@@ -59,7 +64,7 @@ in-flight micro-batch's received packed tensor, non-last stages its sent one
 Transients (only the largest counts): the frozen DaViT's no-grad forward (~8 live copies of
 its widest [b, tokens, C] map), the full-recompute working set (one layer), the bf16
 weight gradient of the largest trainable tensor before it is added to the fp32 buffer, and
-the head's bf16 logits temporaries (last stage).
+the fused head's logits tile, dh and dW tile (last stage).
 Not modelled (keep headroom): the CUDA context (~0.5 GiB), NCCL buffers, allocator
 fragmentation, data-loader pinned memory.
 """
@@ -81,6 +86,7 @@ from mmcap.config import (
 from mmcap.config.parallel import validate_layout
 from mmcap.model.stage_io import packed_rows
 from mmcap.model.pipeline import decoder_layer_range
+from mmcap.ops.softcap_ce import TOKEN_CHUNK, VOCAB_CHUNK
 
 GIB = 1024**3
 # H100 SXM 80GB: 81,559 MiB as nvidia-smi reports it.
@@ -207,11 +213,13 @@ def gemma_layer_bytes(
     if recompute == "full":
         return sh.rows(sh.s, ACT * h, 0)
     core = 0 if recompute == "selective" else 2 * q + 4 * nh  # O + lse, kept by the kernel
-    # 4 sandwich norms; qkv / fc1 inputs if trainable; xattn q input, post-norm, gate product.
-    rep = 4 * 4 * (1 + t) * h + 2 * t * h + 2 * t * h + 2 * h + 8 * h + 2 * h
+    # 4 sandwich norms and the xattn post-norm (fused RMSNorm: bf16 input + fp32 rstd per
+    # token); qkv / fc1 inputs if trainable; xattn q input, gate product.
+    norm = ACT * h + 4
+    rep = 5 * norm + 2 * t * h + 2 * t * h + 2 * h + 2 * h
     self_attn = 2 * (q + 2 * kv) + 2 * q + 2 * kv + core + 2 * t * q
     cross_attn = 2 * q + core + 2 * q  # Q, (O, lse), trainable proj input
-    mlp = 4 * f + 2 * f + 2 * t * f
+    mlp = 4 * f + 2 * t * f  # fused GeGLU keeps its [gate ; up] input only; fc2 input
     shard = self_attn + cross_attn + mlp
     out = sh.rows(sh.s, rep, shard) + sh.rows(sh.se, 0, 4 * kv)
     if attention == "math" and recompute is None:
@@ -342,8 +350,14 @@ def estimate_memory(
     enc_layer, dec_layer = encoder_layer(recompute), decoder_layer(recompute)
     # Full recompute rebuilds one layer at a time in backward.
     working = max(encoder_layer(None), decoder_layer(None)) if recompute == "full" else 0.0
-    softcap = dec.final_logit_softcap is not None
-    logits = sh.s * m * dec.padded_vocab_size(tp) / tp  # elements per micro-batch
+    # Fused LM head + soft-capped CE (mmcap.ops.softcap_ce): saves its input hidden states
+    # (the whole sequence on every TP rank: sequence parallelism gathers them), int64 labels,
+    # fp32 lse and the ignore mask, no logits; works on one fp32 logits tile at a time
+    # (token_chunk x vocab_chunk) plus fp32 dh [tokens, h] and a dW tile in backward.
+    tokens = sh.s * m
+    head_saved = tokens * (ACT * dec.hidden_size + 8 + 4 + 1)
+    tile_t, tile_v = min(tokens, TOKEN_CHUNK), min(dec.padded_vocab_size(tp) // tp, VOCAB_CHUNK)
+    head_tile = 4 * (2 * tile_t * tile_v + tokens * dec.hidden_size + tile_v * dec.hidden_size)
     k_rows = packed_rows(sh.se, enc.hidden_size, dec.hidden_size)
     packed = ACT * (sh.s / (tp if sh.sp else 1) + k_rows) * m * dec.hidden_size
     wbytes = DTYPE_BYTES[params_dtype]
@@ -355,20 +369,22 @@ def estimate_memory(
         layers = dec.num_layers // pp
         flight = _in_flight(p, pp, vpp, num_microbatches)
         per_mb = layers * dec_layer + ACT * sh.se * m * enc.hidden_size  # + encoder output
+        if dec.arch == "gemma2":  # the stage's RoPE cos / sin tables, shared by its layers
+            per_mb += 2 * ACT * sh.s * m * dec.head_dim
         if first:
             emb = (ACT + (enc.dropout > 0)) * enc.hidden_size  # LN input + dropout mask
             per_mb += enc.num_layers * enc_layer + sh.rows(sh.se, emb, 0)
             if dec.arch == "bart":
                 per_mb += sh.rows(sh.s, (ACT + (dec.dropout > 0)) * dec.hidden_size, 0)
         if last:
-            # Gemma final RMSNorm: fp32 input (+ fp32 output when it trains); BART has none.
-            norm = 0 if dec.arch == "bart" else 4 * (1 + dec_trains) * dec.hidden_size
-            per_mb += sh.rows(sh.s, norm + ACT * dec.hidden_size, 0)
+            # Gemma final RMSNorm (fused: bf16 input + fp32 rstd per token); BART has none.
+            norm = 0 if dec.arch == "bart" else ACT * dec.hidden_size + 4
+            per_mb += sh.rows(sh.s, norm, 0)
         transient = max(
             _vision_forward_bytes(model_cfg, m) if first else 0.0,
             working,
             ACT * params.largest_trainable,
-            (2 + 2 * softcap) * logits if last else 0.0,
+            head_tile if last else 0.0,
         )
         parts = {
             "weights": (params.trainable + params.frozen) * wbytes,
@@ -376,7 +392,7 @@ def estimate_memory(
             "optimizer": params.trainable * obytes / dp,
             "activations": flight * per_mb,
             "pipeline": flight * packed * ((not first) + (not last)),
-            "logits": (4 + 2 * softcap) * logits if last else 0.0,
+            "logits": head_saved if last else 0.0,
             "transient": transient,
         }
         parts = {k: math.ceil(v) for k, v in parts.items()}
