@@ -70,8 +70,8 @@ def collect_texts(inputs: list[str]) -> tuple[list[str], list[str]]:
             if isinstance(prompt, str) and prompt.strip():
                 try:
                     prompts.append(build_prompt(prompt) if prompt.startswith("<") else prompt)
-                except ValueError:
-                    pass
+                except ValueError:  # not a task string (preprocessing rejects it): raw text
+                    prompts.append(prompt)
             if isinstance(output, str) and output.strip():
                 targets.append(output)
     if not targets:
