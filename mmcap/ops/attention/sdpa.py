@@ -33,8 +33,9 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     Args:
         device: device the call would run on; None checks installation only.
     """
-    if "enable_gqa" not in F.scaled_dot_product_attention.__doc__:
-        return False, "torch.nn.functional.scaled_dot_product_attention has no enable_gqa (< 2.5)"
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 5):
+        return False, f"scaled_dot_product_attention has no enable_gqa before torch 2.5 ({torch.__version__})"
     return True, ""
 
 
