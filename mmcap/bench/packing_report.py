@@ -25,17 +25,18 @@ import functools
 import numpy as np
 
 from mmcap.bench.lengths import LengthModel
+from mmcap.data.collate import padded_length
+from mmcap.data.config import BatchConfig
 from mmcap.data.packing import auto_row_lengths, plan_rows
 from mmcap.train.flops import step_flops
 
 __all__ = ["layout_stats", "packing_report", "report_markdown"]
 
 
-def _padded(p, t, img, n_img, mult):
-    def up(x):
-        return -(-max(int(x), 1) // mult) * mult
-
-    lp, lt = up(p.max()), up(t.max())
+def _padded(p, t, img, n_img, cfg: BatchConfig):
+    """The trainer's padding of one local batch (:func:`mmcap.data.collate.padded_length`)."""
+    lp = padded_length(int(p.max()), cfg.max_prompt_tokens, cfg)
+    lt = padded_length(int(t.max()), cfg.max_target_tokens, cfg)
     enc_slots = len(p) * lp + n_img * int(img.sum())
     return len(p), enc_slots, len(p) * lt, (lp, lt)
 
@@ -49,8 +50,14 @@ def layout_stats(
     enc_row: int | None = None,
     dec_row: int | None = None,
     pad_multiple: int = 8,
+    max_prompt: int = 128,
+    max_target: int = 128,
 ) -> dict:
-    """Counts of one layout ("padded" or "packed") over the whole batch (all DP ranks)."""
+    """Counts of one layout ("padded" or "packed") over the whole batch (all DP ranks);
+    ``max_prompt`` / ``max_target``: the crop lengths (padding never exceeds them)."""
+    batch_cfg = BatchConfig(
+        max_prompt_tokens=max_prompt, max_target_tokens=max_target, pad_multiple=pad_multiple
+    )
     n_img = model_cfg.vision.num_image_tokens
     flops = functools.lru_cache(maxsize=None)(
         lambda p, t, i, att=True: step_flops(model_cfg, p, t, i, attention=att)
@@ -67,7 +74,7 @@ def layout_stats(
         sl = slice(r * per, (r + 1) * per)
         p, t, img = p_all[sl], t_all[sl], img_all[sl]
         if layout == "padded":
-            k, es, ds, (lp, lt) = _padded(p, t, img, n_img, pad_multiple)
+            k, es, ds, (lp, lt) = _padded(p, t, img, n_img, batch_cfg)
             executed += sum(flops(lp, lt, bool(i)) for i in img)
         elif layout == "packed":
             enc = p + n_img * img
@@ -113,7 +120,8 @@ def packing_report(
     one = (n_img + max_prompt, max_target)
     enc_mean = float(lengths["prompt"].mean() + n_img * lengths["has_image"].mean())
     auto = auto_row_lengths(enc_mean, float(lengths["target"].mean()), *one)
-    out = [layout_stats(model_cfg, lengths, dp=dp, layout="padded")]
+    crops = dict(max_prompt=max_prompt, max_target=max_target)
+    out = [layout_stats(model_cfg, lengths, dp=dp, layout="padded", **crops)]
     for e, d in rows or [one, auto]:
         stats = layout_stats(model_cfg, lengths, dp=dp, layout="packed", enc_row=e, dec_row=d)
         if (e, d) == auto:

@@ -35,7 +35,7 @@ def is_available(device: torch.device | None = None) -> tuple[bool, str]:
     """
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 5):
-        return False, f"scaled_dot_product_attention has no enable_gqa before torch 2.5 ({torch.__version__})"
+        return False, f"SDPA has no enable_gqa before torch 2.5 (torch {torch.__version__})"
     return True, ""
 
 
