@@ -32,6 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--transformer-impl",
+        default="auto",
+        choices=["auto", "local", "transformer_engine"],
+        help="layer linears / norms (precision.transformer_impl; auto: TE when installed on CUDA)",
+    )
+    p.add_argument(
+        "--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 (needs Transformer Engine)"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
             prompt_tokens=args.prompt_tokens,
             target_tokens=args.target_tokens,
             precision=args.precision,
+            transformer_impl=args.transformer_impl,
+            fp8=args.fp8,
             steps=args.steps,
             warmup=args.warmup,
             recompute=args.recompute,

@@ -91,6 +91,17 @@ if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
     --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
 fi
 
+# 4a. Transformer Engine (only where it is installed: it cannot be built on a bare machine in
+#     the minutes this check has): the same model on TE linears in bf16, then FP8 (hybrid).
+if "$PY" -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
+  run train-large-te 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+    --num-microbatches 2 --transformer-impl transformer_engine --json "$OUT_DIR/train_large_te.json"
+  run train-large-fp8 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+    --num-microbatches 2 --fp8 hybrid --json "$OUT_DIR/train_large_fp8.json"
+else
+  echo "gpu_check: transformer_engine not importable; TE / FP8 benchmarks skipped" | tee -a "$LOG"
+fi
+
 # 4b. Sequence packing (data.packing): padded vs packed samples/s on the official length
 #     statistics (task-language balanced), florence-gemma-2-large. Two model builds: with
 #     MMCAP_GPU_CHECK_PACKING=1 (e.g. a second call, `MMCAP_GPU_CHECK_PACKING=1 tools/gpu_check.sh`).

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmcap.config import ConfigError, ParallelConfig, PrecisionConfig, require
+from mmcap.model.te import resolve_transformer_impl
 
 __all__ = ["BenchConfig", "build_bench_train_config", "run_mmcap_benchmark", "summarize"]
 
@@ -43,6 +44,8 @@ class BenchConfig:
         image_size: image side in pixels (None = the preset's).
         prompt_tokens / target_tokens: encoder prompt and decoder lengths of every sample.
         precision: "bf16", "fp16" or "fp32".
+        transformer_impl / fp8: ``PrecisionConfig.transformer_impl`` ("auto", "local",
+            "transformer_engine") and ``PrecisionConfig.fp8`` (None, "hybrid", "e4m3").
         steps / warmup: timed steps, and untimed steps before them.
         recompute: activation recompute (None, "selective", "full").
         peak_tflops: peak TFLOP/s per device for MFU (None = from the CUDA device name).
@@ -65,6 +68,8 @@ class BenchConfig:
     prompt_tokens: int = 16
     target_tokens: int = 16
     precision: str = "bf16"
+    transformer_impl: str = "auto"
+    fp8: str | None = None
     steps: int = 5
     warmup: int = 2
     recompute: str | None = None
@@ -109,7 +114,7 @@ def build_bench_train_config(b: BenchConfig, dp: int):
         preset=b.preset,
         model=model,
         parallel=ParallelConfig(tensor_parallel=b.tp, pipeline_parallel=b.pp),
-        precision=PrecisionConfig(b.precision),
+        precision=PrecisionConfig(b.precision, transformer_impl=b.transformer_impl, fp8=b.fp8),
         train_steps=b.warmup + b.steps,
         global_batch_size=b.global_batch(dp),
         micro_batch_size=b.micro_batch_size,
@@ -300,7 +305,8 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     useful = [None] * world
     dist.all_gather_object(useful, data.useful)
     result.update(
-        impl="mmcap",
+        impl="mmcap" if b.fp8 is None else f"mmcap fp8-{b.fp8}",
+        transformer_impl=resolve_transformer_impl(cfg.precision),
         layout={"tp": b.tp, "pp": b.pp, "dp": dp, "world_size": world},
         num_microbatches=len(mbs),
         packing=b.packing,

@@ -91,12 +91,24 @@ class PrecisionConfig:
     Args:
         params_dtype: dtype of the model weights and activations ("bf16" default; "fp16" uses
             loss scaling in the trainer; "fp32" for parity tests).
-        fp8: FP8 recipe for Transformer Engine linears (None = off), e.g. "hybrid".
+        transformer_impl: linears and norms of the encoder / decoder layers: "local"
+            (megatron-core's tensor-parallel linears, torch norms), "transformer_engine"
+            (megatron-core's TE extension) or "auto" (TE when importable and CUDA is
+            available, else local). See :mod:`mmcap.model.te`.
+        fp8: FP8 format of Transformer Engine's linears (None = off): "hybrid" (e4m3 forward,
+            e5m2 gradients) or "e4m3". Needs Transformer Engine; attention core and loss stay
+            in ``params_dtype``.
+        fp8_recipe: megatron-core's FP8 scaling recipe: "delayed" (amax history),
+            "tensorwise" (current scaling), "blockwise" or "mxfp8" (Blackwell).
+        fp8_amax_history_len: amax history of the delayed recipe.
         grad_reduce_in_fp32: reduce gradients across data-parallel ranks in float32.
     """
 
     params_dtype: Dtype = "bf16"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_amax_history_len: int = 1024
     grad_reduce_in_fp32: bool = True
 
     def __post_init__(self) -> None:
@@ -109,6 +121,33 @@ class PrecisionConfig:
             self.fp8 in (None, "hybrid", "e4m3"),
             "PrecisionConfig.fp8",
             f"must be None, 'hybrid' or 'e4m3', got {self.fp8!r}",
+        )
+        require(
+            self.transformer_impl in ("auto", "local", "transformer_engine"),
+            "PrecisionConfig.transformer_impl",
+            f"must be 'auto', 'local' or 'transformer_engine', got {self.transformer_impl!r}",
+        )
+        require(
+            self.fp8_recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"),
+            "PrecisionConfig.fp8_recipe",
+            f"must be 'delayed', 'tensorwise', 'blockwise' or 'mxfp8', got {self.fp8_recipe!r}",
+        )
+        require(
+            self.fp8_amax_history_len >= 1,
+            "PrecisionConfig.fp8_amax_history_len",
+            f"must be >= 1, got {self.fp8_amax_history_len!r}",
+        )
+        require(
+            self.fp8 is None or self.transformer_impl != "local",
+            "PrecisionConfig.fp8",
+            "FP8 runs in Transformer Engine's linears, but transformer_impl is 'local'; set "
+            "transformer_impl to transformer_engine (or auto), or remove fp8",
+        )
+        require(
+            self.fp8 is None or self.params_dtype != "fp32",
+            "PrecisionConfig.fp8",
+            "FP8 training keeps bf16 (or fp16) weights and activations around the FP8 GEMMs; "
+            "set params_dtype to bf16",
         )
 
     @property

@@ -341,7 +341,9 @@ def write_checkpoint(
         ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel),
     )
     initialize_model_parallel(ParallelConfig(), seed=0)
-    model = CaptioningModel(conv.model, precision=PrecisionConfig("fp32"))
+    # Weights only move here: the local layers (same parameter names as TE's) on the CPU.
+    local = PrecisionConfig("fp32", transformer_impl="local")
+    model = CaptioningModel(conv.model, precision=local)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(conv.tensors))
     unexpected = sorted(set(conv.tensors) - set(params))

@@ -157,7 +157,9 @@ def load_full_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # a run directory: its newest checkpoint
     model_cfg, meta = read_checkpoint_info(ckpt_dir)
     initialize_model_parallel(ParallelConfig(), seed=0)
-    model = CaptioningModel(model_cfg, precision=PrecisionConfig("fp32"))
+    # Weights only move here: the local layers (same parameter names as TE's) on the CPU.
+    local = PrecisionConfig("fp32", transformer_impl="local")
+    model = CaptioningModel(model_cfg, precision=local)
     load_model_checkpoint(model, ckpt_dir)
     return model_cfg, meta, full_state_dict(model)
 

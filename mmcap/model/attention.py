@@ -1,7 +1,10 @@
 """Tensor-parallel self- and cross-attention, shared by the Gemma-2 and BART stacks.
 
-Projections are megatron-core Column/RowParallelLinear. The fused self-attention QKV uses
-megatron-core's grouped layout: for each of the ``num_kv_heads`` query groups the rows are
+Projections are the tensor-parallel linears of the layer spec (:mod:`mmcap.model.specs`):
+megatron-core's Column/RowParallelLinear (local) or its Transformer Engine extension. Every
+shape and numeric comes from the stack's MMCapTransformerConfig
+(:mod:`mmcap.model.transformer_config`), resolved per block into an :class:`AttentionSpec`.
+The fused self-attention QKV uses megatron-core's grouped layout: for each of the ``num_kv_heads`` query groups the rows are
 [q heads of the group ; k ; v] (``head_dim`` rows each), so a column split over TP keeps whole
 groups on a rank (MHA is the case groups = heads). Cross-attention projects q from the decoder
 states and the fused [k ; v] (per group) from the encoder output. The kernel is whatever the
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
+from megatron.core.utils import divide, init_method_normal
 
 from mmcap.model.rope import apply_rotary
 from mmcap.model.transformer_config import with_sequence_parallel
@@ -100,12 +104,75 @@ class AttentionSpec:
         return dataclasses.replace(self, **changes)
 
 
+def _init(std: float | None) -> Callable | None:
+    return None if std is None else init_method_normal(std)
+
+
+def self_attention_spec(config, layer_idx: int) -> AttentionSpec:
+    """The self-attention block of global layer ``layer_idx`` under ``config`` (an
+    MMCapTransformerConfig): Gemma-2 = scale query_pre_attn_scalar^-0.5, soft-cap, the sliding
+    window on HF's ``sliding_attention`` layers; BART = head_dim^-0.5, biases."""
+    init = _init(config.attention_init_std)
+    return AttentionSpec(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        softmax_scale=config.softmax_scale or config.kv_channels**-0.5,
+        softcap=config.attn_logit_softcap,
+        window=config.window(layer_idx),
+        bias=config.add_bias_linear,
+        dropout_p=config.attention_dropout,
+        init_method=init,
+        output_init_method=init,
+    )
+
+
+def cross_attention_spec(config) -> AttentionSpec:
+    """Cross-attention from the stack's states to the encoder output (width
+    ``config.encoder_hidden_size``): no window, the self-attention's scale and soft-cap."""
+    init = _init(config.cross_attention_init_std)
+    return AttentionSpec(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        softmax_scale=config.softmax_scale or config.kv_channels**-0.5,
+        softcap=config.attn_logit_softcap,
+        bias=config.add_bias_linear,
+        dropout_p=config.attention_dropout,
+        kv_input_size=config.encoder_hidden_size,
+        init_method=init,
+        output_init_method=init,
+    )
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    """Linear layers of :class:`SelfAttention` (column-parallel fused QKV, row-parallel out)."""
+
+    linear_qkv: ModuleSpec | type = tensor_parallel.ColumnParallelLinear
+    linear_proj: ModuleSpec | type = tensor_parallel.RowParallelLinear
+
+
+@dataclass
+class CrossAttentionSubmodules:
+    """Linear layers of :class:`CrossAttention`. ``linear_kv`` reads the TP-replicated encoder
+    output and leaves its gradient unreduced (``disable_grad_reduce``; the decoder reduces it
+    once per stage), which only megatron-core's local ColumnParallelLinear offers: it stays
+    local in every spec."""
+
+    linear_q: ModuleSpec | type = tensor_parallel.ColumnParallelLinear
+    linear_kv: ModuleSpec | type = tensor_parallel.ColumnParallelLinear
+    linear_proj: ModuleSpec | type = tensor_parallel.RowParallelLinear
+
+
 class _AttentionBase(MegatronModule):
     # Generation (:mod:`mmcap.generate.kv_cache`) attaches a per-layer cache here for the
     # duration of a decode; None = ordinary full-sequence attention.
     kv_cache = None
 
-    def __init__(self, config: TransformerConfig, spec: AttentionSpec) -> None:
+    def __init__(self, config: TransformerConfig, spec: AttentionSpec, linear_proj) -> None:
         super().__init__(config=config)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = config.tensor_model_parallel_size
@@ -114,7 +181,8 @@ class _AttentionBase(MegatronModule):
         self.groups_per_rank = divide(spec.num_kv_heads, tp)
         self.init_method = spec.init_method or config.init_method
         self.output_init_method = spec.output_init_method or config.output_layer_init_method
-        self.linear_proj = tensor_parallel.RowParallelLinear(
+        self.linear_proj = build_module(
+            linear_proj,
             spec.num_heads * spec.head_dim,
             spec.hidden_size,
             config=config,
@@ -123,6 +191,22 @@ class _AttentionBase(MegatronModule):
             bias=spec.bias,
             input_is_parallel=True,
             skip_bias_add=False,
+            is_expert=False,
+        )
+
+    def _column(self, linear, input_size: int, output_size: int, config=None, **kwargs):
+        return build_module(
+            linear,
+            input_size,
+            output_size,
+            config=config or self.config,
+            tp_group=self.tp_group,
+            init_method=self.init_method,
+            bias=self.spec.bias,
+            gather_output=False,
+            skip_bias_add=False,
+            is_expert=False,
+            **kwargs,
         )
 
     def _attend(
@@ -174,24 +258,24 @@ class SelfAttention(_AttentionBase):
     """Causal (decoder) or bidirectional (encoder) self-attention with fused grouped QKV.
 
     Args:
-        config: megatron-core TransformerConfig (TP size, SP, dtypes).
-        spec: the block's shapes and numerics.
+        config: the stack's MMCapTransformerConfig (shapes, numerics, TP size, SP, dtypes).
+        submodules: the linear layers (:class:`SelfAttentionSubmodules`).
+        layer_idx: global 0-based index of the layer (selects the sliding window).
         causal: decoder (True) or encoder (False) attention.
     """
 
-    def __init__(self, config: TransformerConfig, spec: AttentionSpec, causal: bool) -> None:
-        super().__init__(config, spec)
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_idx: int,
+        causal: bool,
+    ) -> None:
+        spec = self_attention_spec(config, layer_idx)
+        super().__init__(config, spec, submodules.linear_proj)
         self.causal = causal
         qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-        self.linear_qkv = tensor_parallel.ColumnParallelLinear(
-            spec.hidden_size,
-            qkv,
-            config=config,
-            tp_group=self.tp_group,
-            init_method=self.init_method,
-            bias=spec.bias,
-            gather_output=False,
-        )
+        self.linear_qkv = self._column(submodules.linear_qkv, spec.hidden_size, qkv)
 
     def forward(
         self,
@@ -230,31 +314,27 @@ class SelfAttention(_AttentionBase):
 
 
 class CrossAttention(_AttentionBase):
-    """Attention from (decoder) states to a full, TP-replicated encoder output."""
+    """Attention from (decoder) states to a full, TP-replicated encoder output.
 
-    def __init__(self, config: TransformerConfig, spec: AttentionSpec) -> None:
-        super().__init__(config, spec)
+    Args:
+        config: the stack's MMCapTransformerConfig (``encoder_hidden_size`` = k/v input width).
+        submodules: the linear layers (:class:`CrossAttentionSubmodules`).
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: CrossAttentionSubmodules) -> None:
+        spec = cross_attention_spec(config)
         if spec.kv_input_size is None:
-            raise ValueError("CrossAttention needs AttentionSpec.kv_input_size (encoder width)")
-        no_sp = with_sequence_parallel(config, False)
-        self.linear_q = tensor_parallel.ColumnParallelLinear(
-            spec.hidden_size,
-            spec.num_heads * spec.head_dim,
-            config=config,
-            tp_group=self.tp_group,
-            init_method=self.init_method,
-            bias=spec.bias,
-            gather_output=False,
+            raise ValueError("CrossAttention needs config.encoder_hidden_size (encoder width)")
+        super().__init__(config, spec, submodules.linear_proj)
+        self.linear_q = self._column(
+            submodules.linear_q, spec.hidden_size, spec.num_heads * spec.head_dim
         )
         # Rows per query group: [k ; v] (megatron-core's cross-attention linear_kv layout).
-        self.linear_kv = tensor_parallel.ColumnParallelLinear(
+        self.linear_kv = self._column(
+            submodules.linear_kv,
             spec.kv_input_size,
             2 * spec.num_kv_heads * spec.head_dim,
-            config=no_sp,
-            tp_group=self.tp_group,
-            init_method=self.init_method,
-            bias=spec.bias,
-            gather_output=False,
+            config=with_sequence_parallel(config, False),
             disable_grad_reduce=True,
         )
 

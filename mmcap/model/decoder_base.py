@@ -26,6 +26,7 @@ from torch import nn
 from mmcap.config import IGNORE_INDEX, DecoderConfig
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.sharded import stack_sharded_state_dict
+from mmcap.model.te import fp8_layer_context
 from mmcap.ops.softcap_ce import softcap_ce
 
 __all__ = ["IGNORE_INDEX", "DecoderLanguageModel"]
@@ -35,7 +36,7 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
     """Base class of the decoder of one pipeline stage / virtual chunk.
 
     Args:
-        config: megatron-core TransformerConfig of the decoder.
+        config: the decoder's MMCapTransformerConfig (its layers' shapes, numerics and spec).
         decoder: the mmcap DecoderConfig.
         pre_process: build the embedding (first stage).
         post_process: build final norm, LM head and loss (last stage).
@@ -95,10 +96,15 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
     def build_embedding(self) -> nn.Module:
         """Module with a ``word_embeddings`` VocabParallelEmbedding (tied to the LM head)."""
 
-    @abstractmethod
     def build_layer(self, layer_idx: int) -> nn.Module:
-        """Layer with global index ``layer_idx``; called as
-        ``layer(hidden, layer_context, encoder_out, encoder_mask)``."""
+        """Layer with global index ``layer_idx`` from the stack's ModuleSpec (arch and
+        ``transformer_impl`` of the config, :mod:`mmcap.model.specs`); called as
+        ``layer(hidden, layer_context, encoder_out, encoder_mask, decoder_doc, encoder_doc)``."""
+        from megatron.core.transformer.spec_utils import build_module
+
+        from mmcap.model.specs import layer_spec  # the specs import the layer modules
+
+        return build_module(layer_spec(self.config), config=self.config, layer_idx=layer_idx)
 
     @abstractmethod
     def build_final_norm(self) -> nn.Module | None:
@@ -155,7 +161,8 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
         ctx = self.layer_context(position_ids)
         docs = docs or (None, None)
         for layer in self.layers:
-            hidden = layer(hidden, ctx, encoder_out, encoder_mask, *docs)
+            with fp8_layer_context(self.config, layer.layer_idx):  # null context without FP8
+                hidden = layer(hidden, ctx, encoder_out, encoder_mask, *docs)
         if not self.post_process:
             return hidden
         if self.final_layernorm is not None:

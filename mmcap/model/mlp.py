@@ -4,16 +4,19 @@ Gated (GeGLU): ``fc2(act(gate(x)) * up(x))`` with gate and up fused in ``linear_
 full (TP-independent) fc1 weight is [gate ; up]; ``stride=2`` tells megatron-core that each TP
 rank holds [gate_r ; up_r], the r-th slice of both halves (``partition_stride`` on the
 parameter), so the local output splits into its halves with no communication.
-Plain: ``fc2(dropout(act(fc1(x))))``.
+Plain: ``fc2(dropout(act(fc1(x))))``. Widths, activation, gating, biases and the activation
+dropout come from the stack's MMCapTransformerConfig; the two linears from the layer spec
+(megatron-core's ``MLPSubmodules``: local or Transformer Engine linears).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core import parallel_state
+from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmcap.ops.geglu import geglu
@@ -27,26 +30,15 @@ ACTIVATIONS = {
 
 class MLP(MegatronModule):
     """Args:
-    config: megatron-core TransformerConfig.
-    hidden_size / ffn_hidden_size: widths.
-    activation: key of ACTIVATIONS.
-    gated: GeGLU (True) or plain MLP (False).
-    bias: biases on both linears.
-    activation_dropout: dropout after the activation (BART), training only.
+    config: the stack's MMCapTransformerConfig: ``hidden_size``, ``ffn_hidden_size``,
+        ``activation`` (a key of ACTIVATIONS), ``gated_linear_unit`` (GeGLU or plain),
+        ``add_bias_linear``, ``activation_dropout`` (BART; training only).
+    submodules: megatron-core MLPSubmodules (``linear_fc1`` column-, ``linear_fc2`` row-parallel).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        hidden_size: int,
-        ffn_hidden_size: int,
-        *,
-        activation: str,
-        gated: bool,
-        bias: bool,
-        activation_dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules) -> None:
         super().__init__(config=config)
+        activation = config.activation
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation {activation!r} unknown; choose from {sorted(ACTIVATIONS)}"
@@ -54,27 +46,33 @@ class MLP(MegatronModule):
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.act = ACTIVATIONS[activation]
         self.activation = activation
-        self.gated = gated
-        self.activation_dropout = activation_dropout
-        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
-            hidden_size,
-            (2 if gated else 1) * ffn_hidden_size,
+        self.gated = gated = config.gated_linear_unit
+        self.activation_dropout = config.activation_dropout
+        bias = config.add_bias_linear
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1,
+            config.hidden_size,
+            (2 if gated else 1) * config.ffn_hidden_size,
             config=config,
             tp_group=self.tp_group,
             init_method=config.init_method,
             bias=bias,
             gather_output=False,
+            skip_bias_add=False,
+            is_expert=False,
             stride=2 if gated else 1,
         )
-        self.linear_fc2 = tensor_parallel.RowParallelLinear(
-            ffn_hidden_size,
-            hidden_size,
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2,
+            config.ffn_hidden_size,
+            config.hidden_size,
             config=config,
             tp_group=self.tp_group,
             init_method=config.output_layer_init_method,
             bias=bias,
             input_is_parallel=True,
             skip_bias_add=False,
+            is_expert=False,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,11 @@ zero-centred gamma, MEGATRON_CPU.md), so mmcap owns it. With sequence parallelis
 is a sequence shard, so the weight's gradient is partial per TP rank: the parameter carries
 megatron-core's ``sequence_parallel`` attribute and is all-reduced over the TP group by
 ``finalize_model_grads`` (or :func:`mmcap.parallel.tp.allreduce_sequence_parallel_grads`).
+
+:class:`LocalNorm` is the local layer spec's norm (:mod:`mmcap.model.specs`), built as
+megatron-core builds its norms, ``norm(config, hidden_size, eps)``, as Transformer Engine's
+``TENorm`` in the TE spec: RMSNorm(1 + w) when ``config.normalization == "RMSNorm"`` (with
+``layernorm_zero_centered_gamma``), else LayerNorm.
 """
 
 from __future__ import annotations
@@ -57,3 +62,22 @@ def layer_norm(
     norm.weight.sequence_parallel = sequence_parallel
     norm.bias.sequence_parallel = sequence_parallel
     return norm
+
+
+class LocalNorm:
+    """The norm of the local layer spec: ``LocalNorm(config, hidden_size, eps)`` returns a
+    :class:`GemmaRMSNorm` (``config.normalization == "RMSNorm"``; mmcap's RMSNorm is always
+    zero-centred, as Gemma's) or an SP-aware torch LayerNorm, in ``config.params_dtype``."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5) -> nn.Module:
+        sp, dtype = config.sequence_parallel, config.params_dtype
+        if config.normalization == "RMSNorm":
+            if not config.layernorm_zero_centered_gamma:
+                raise ValueError(
+                    "mmcap's RMSNorm is zero-centred (1 + w): set "
+                    "layernorm_zero_centered_gamma=True in the TransformerConfig"
+                )
+            return GemmaRMSNorm(hidden_size, eps, sp, dtype)
+        if config.normalization == "LayerNorm":
+            return layer_norm(hidden_size, eps, sp, dtype)
+        raise ValueError(f"normalization {config.normalization!r}: mmcap has RMSNorm and LayerNorm")

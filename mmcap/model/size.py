@@ -55,7 +55,9 @@ def count_parameters(model: ModelConfig, parallel: ParallelConfig | None = None)
 
     parallel = parallel or ParallelConfig()
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    built = build_model(model, ParallelConfig(), PrecisionConfig("bf16"), meta=True)
+    # Sizes do not depend on the implementation; local builds on the meta device anywhere.
+    local = PrecisionConfig("bf16", transformer_impl="local")
+    built = build_model(model, ParallelConfig(), local, meta=True)
     by_comp: dict[str, int] = defaultdict(int)
     stage_local: dict[int, float] = defaultdict(float)  # pp stage -> params per TP rank
     layers = {s: range(*decoder_layer_range(model.decoder.num_layers, s, pp)) for s in range(pp)}

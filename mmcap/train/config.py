@@ -27,6 +27,7 @@ from mmcap.config import (
 from mmcap.config.presets import get_preset
 from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
 from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
+from mmcap.model.te import resolve_transformer_impl
 
 
 @dataclass
@@ -349,13 +350,14 @@ class TrainConfig:
             "cannot be combined with optim.loss_averaging=per_microbatch: packing changes which "
             "samples share a micro-batch, hence the per-micro-batch means (use global_token)",
         )
-        # Validated but not wired into the trainer yet: accepting it would be a silent no-op.
         require(
-            self.precision.fp8 is None,
-            "precision.fp8",
-            "FP8 training is not implemented in the trainer yet (it needs Transformer Engine "
-            "linears); remove it to train in bf16",
+            not (self.precision.fp8 and self.recompute == "full"),
+            "recompute",
+            "full recompute re-runs the layers outside Transformer Engine's FP8 autocast; with "
+            "precision.fp8 use recompute=selective (attention core only) or none",
         )
+        # Transformer Engine needed (transformer_impl / fp8) but missing: say what to install.
+        resolve_transformer_impl(self.precision)
         # The sampler's run fields come from the run (DataConfig.check_keys rejects user values).
         self.data.sampler = dataclasses.replace(
             self.data.sampler, global_batch_size=self.global_batch_size, seed=self.seed

@@ -82,7 +82,8 @@ def _param_table(model: ModelConfig) -> list[tuple[str, int, bool, bool]]:
     if key not in _PARAM_TABLES:
         from mmcap.model.build import build_model
 
-        built = build_model(model, ParallelConfig(), PrecisionConfig("bf16"), meta=True)
+        local = PrecisionConfig("bf16", transformer_impl="local")  # same sizes as TE
+        built = build_model(model, ParallelConfig(), local, meta=True)
         _PARAM_TABLES[key] = [
             (n, p.numel(), bool(getattr(p, "tensor_model_parallel", False)), p.requires_grad)
             for n, p in built.named_parameters()

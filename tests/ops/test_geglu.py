@@ -43,15 +43,20 @@ def test_custom_op_matches_reference(dtype, rows, ffn):
 def test_model_mlp_uses_the_fused_layout(single_rank_parallel_state):
     """mlp.py's stride-2 fc1 puts [gate ; up] in the last dim: the module equals the op."""
     from mmcap.config import ParallelConfig, PrecisionConfig, get_preset
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+
     from mmcap.model.mlp import MLP
     from mmcap.model.transformer_config import build_decoder_transformer_config
 
     dec = get_preset("debug-gemma").decoder
     cfg = build_decoder_transformer_config(dec, ParallelConfig(), PrecisionConfig("fp32"))
-    mlp = MLP(cfg, 16, 24, activation="gelu_tanh", gated=True, bias=False)
-    x = torch.randn(3, 2, 16)
+    mlp = MLP(cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    assert mlp.gated and mlp.activation == "gelu_tanh"
+    f = dec.ffn_hidden_size
+    x = torch.randn(3, 2, dec.hidden_size)
     fc1, _ = mlp.linear_fc1(x)
-    gate, up = x @ mlp.linear_fc1.weight[:24].t(), x @ mlp.linear_fc1.weight[24:].t()
+    gate, up = x @ mlp.linear_fc1.weight[:f].t(), x @ mlp.linear_fc1.weight[f:].t()
     assert torch.equal(geglu(fc1), geglu_ref(torch.cat([gate, up], -1)))
     assert torch.allclose(mlp(x), mlp.linear_fc2(geglu(fc1))[0], atol=0, rtol=0)
 

@@ -11,7 +11,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmcap.config import DecoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
-from mmcap.model.bart.layers import BartDecoderLayer
 from mmcap.model.decoder_base import DecoderLanguageModel
 
 
@@ -35,22 +34,6 @@ class FlorenceDecoder(DecoderLanguageModel):
             d.norm_eps,
             d.dropout,
             d.scale_embedding,
-        )
-
-    def build_layer(self, layer_idx: int):
-        d = self.decoder_config
-        return BartDecoderLayer(
-            self.config,
-            hidden=d.hidden_size,
-            heads=d.num_attention_heads,
-            ffn=d.ffn_hidden_size,
-            activation=d.activation,
-            eps=d.norm_eps,
-            dropout=d.dropout,
-            attention_dropout=d.attention_dropout,
-            activation_dropout=d.activation_dropout,
-            init_std=d.init_std,
-            encoder_hidden=d.encoder_hidden_size,
         )
 
     def build_final_norm(self):

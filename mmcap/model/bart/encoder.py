@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from mmcap.config import EncoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
-from mmcap.model.bart.layers import BartEncoderLayer
 from mmcap.model.sharded import stack_sharded_state_dict
+from mmcap.model.te import fp8_layer_context
 from mmcap.model.stage_io import build_encoder_mask
 
 
 class BartEncoder(MegatronModule):
     """Args:
-    config: encoder TransformerConfig (:func:`build_encoder_transformer_config`).
+    config: the encoder's MMCapTransformerConfig (:func:`build_encoder_transformer_config`).
     encoder: the mmcap EncoderConfig.
     """
 
@@ -39,20 +40,11 @@ class BartEncoder(MegatronModule):
             encoder.dropout,
             encoder.scale_embedding,
         )
+        from mmcap.model.specs import layer_spec  # the specs import the layer modules
+
+        spec = layer_spec(config, decoder=False)
         self.layers = nn.ModuleList(
-            BartEncoderLayer(
-                config,
-                hidden=encoder.hidden_size,
-                heads=encoder.num_attention_heads,
-                ffn=encoder.ffn_hidden_size,
-                activation=encoder.activation,
-                eps=encoder.layer_norm_eps,
-                dropout=encoder.dropout,
-                attention_dropout=encoder.attention_dropout,
-                activation_dropout=encoder.activation_dropout,
-                init_std=encoder.init_std,
-            )
-            for _ in range(encoder.num_layers)
+            build_module(spec, config=config, layer_idx=i) for i in range(encoder.num_layers)
         )
 
     def forward(
@@ -84,7 +76,8 @@ class BartEncoder(MegatronModule):
                 scatter=(image_tokens, packed.image_index),
             )
             for layer in self.layers:
-                hidden = layer(hidden, None, packed.encoder_doc)
+                with fp8_layer_context(self.config, layer.layer_idx):
+                    hidden = layer(hidden, None, packed.encoder_doc)
             return hidden, packed.encoder_doc >= 0
         b, s = prompt_ids.shape
         if prompt_mask is None:
@@ -93,7 +86,8 @@ class BartEncoder(MegatronModule):
         mask = build_encoder_mask(prompt_mask, n)
         hidden = self.embedding(prompt_ids, prefix=image_tokens)
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            with fp8_layer_context(self.config, layer.layer_idx):  # null context without FP8
+                hidden = layer(hidden, mask)
         return hidden, mask
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:

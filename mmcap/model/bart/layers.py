@@ -4,69 +4,68 @@ Encoder:  h = LN(h + drop(self_attn(h)));                         h = LN(h + dro
 Decoder:  h = LN(h + drop(causal_self_attn(h))); h = LN(h + drop(cross_attn(h, enc)));
           h = LN(h + drop(mlp(h)))
 as transformers' BartEncoderLayer / BartDecoderLayer (scale head_dim^-0.5, biases, exact GELU).
-Under ``recompute_granularity="full"`` each layer is recomputed in backward
+Built from ModuleSpecs (:mod:`mmcap.model.specs`: local or Transformer Engine linears and
+norms). Under ``recompute_granularity="full"`` each layer is recomputed in backward
 (:func:`mmcap.model.attention.recompute_layer`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import init_method_normal
 
-from mmcap.model.attention import AttentionSpec, CrossAttention, SelfAttention, recompute_layer
-from mmcap.model.mlp import MLP
-from mmcap.model.norms import layer_norm
+from mmcap.model.attention import recompute_layer
+from mmcap.model.norms import LocalNorm
 from mmcap.parallel.rng import tp_region_rng
 
 
-def bart_attention_spec(
-    hidden: int, heads: int, dropout: float, init_std: float, kv_input_size: int | None = None
-) -> AttentionSpec:
-    """MHA with biases; every projection N(0, init_std) as HF BART initialises them."""
-    init = init_method_normal(init_std)
-    head_dim = hidden // heads
-    return AttentionSpec(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        softmax_scale=head_dim**-0.5,
-        bias=True,
-        dropout_p=dropout,
-        kv_input_size=kv_input_size,
-        init_method=init,
-        output_init_method=init,
-    )
+@dataclass
+class BartLayerSubmodules:
+    """ModuleSpecs of one BART layer (:func:`mmcap.model.specs.bart_layer_spec`);
+    ``cross_attention`` None = an encoder layer."""
+
+    self_attention: ModuleSpec | type = None
+    self_attn_layernorm: ModuleSpec | type = LocalNorm
+    cross_attention: ModuleSpec | type | None = None
+    cross_attn_layernorm: ModuleSpec | type | None = None
+    mlp: ModuleSpec | type = None
+    final_layernorm: ModuleSpec | type = LocalNorm
 
 
 class _PostLNLayer(MegatronModule):
+    """Args:
+    config: the stack's MMCapTransformerConfig (widths, eps, dropouts, init).
+    submodules: :class:`BartLayerSubmodules`.
+    layer_idx: global 0-based index of the layer.
+    causal: decoder (True) or encoder (False) self-attention.
+    """
+
     def __init__(
         self,
         config: TransformerConfig,
-        hidden: int,
-        ffn: int,
-        activation: str,
-        eps: float,
-        dropout: float,
-        activation_dropout: float,
+        submodules: BartLayerSubmodules,
+        layer_idx: int,
+        causal: bool,
     ) -> None:
         super().__init__(config=config)
-        sp, dt = config.sequence_parallel, config.params_dtype
-        self.dropout = dropout
-        self.self_attn_layernorm = layer_norm(hidden, eps, sp, dt)
-        self.mlp = MLP(
-            config,
-            hidden,
-            ffn,
-            activation=activation,
-            gated=False,
-            bias=True,
-            activation_dropout=activation_dropout,
+        self.layer_idx = layer_idx
+        self.dropout = config.hidden_dropout
+        # Construction order = the order the weights draw from the initialisation RNG.
+        self.self_attn_layernorm = self._norm(submodules.self_attn_layernorm)
+        self.mlp = build_module(submodules.mlp, config=config)
+        self.final_layernorm = self._norm(submodules.final_layernorm)
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_idx=layer_idx, causal=causal
         )
-        self.final_layernorm = layer_norm(hidden, eps, sp, dt)
+
+    def _norm(self, spec):
+        c = self.config
+        return build_module(spec, config=c, hidden_size=c.hidden_size, eps=c.layernorm_epsilon)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.dropout > 0):
@@ -77,27 +76,12 @@ class _PostLNLayer(MegatronModule):
 
 
 class BartEncoderLayer(_PostLNLayer):
-    """Args: config (encoder TransformerConfig), hidden, heads, ffn, activation, eps, dropout,
-    attention_dropout, activation_dropout, init_std."""
+    """Args: config (the encoder's MMCapTransformerConfig), submodules, layer_idx."""
 
     def __init__(
-        self,
-        config: TransformerConfig,
-        *,
-        hidden: int,
-        heads: int,
-        ffn: int,
-        activation: str,
-        eps: float,
-        dropout: float,
-        attention_dropout: float,
-        activation_dropout: float,
-        init_std: float,
+        self, config: TransformerConfig, submodules: BartLayerSubmodules, layer_idx: int
     ) -> None:
-        super().__init__(config, hidden, ffn, activation, eps, dropout, activation_dropout)
-        self.self_attention = SelfAttention(
-            config, bart_attention_spec(hidden, heads, attention_dropout, init_std), causal=False
-        )
+        super().__init__(config, submodules, layer_idx, causal=False)
 
     def forward(
         self,
@@ -118,36 +102,15 @@ class BartEncoderLayer(_PostLNLayer):
 
 
 class BartDecoderLayer(_PostLNLayer):
-    """Args: as BartEncoderLayer, plus encoder_hidden (width of the encoder output)."""
+    """Args: as BartEncoderLayer, with the decoder's config (``encoder_hidden_size`` = width of
+    the encoder output) and the cross-attention submodules."""
 
     def __init__(
-        self,
-        config: TransformerConfig,
-        *,
-        hidden: int,
-        heads: int,
-        ffn: int,
-        activation: str,
-        eps: float,
-        dropout: float,
-        attention_dropout: float,
-        activation_dropout: float,
-        init_std: float,
-        encoder_hidden: int,
+        self, config: TransformerConfig, submodules: BartLayerSubmodules, layer_idx: int
     ) -> None:
-        super().__init__(config, hidden, ffn, activation, eps, dropout, activation_dropout)
-        self.self_attention = SelfAttention(
-            config, bart_attention_spec(hidden, heads, attention_dropout, init_std), causal=True
-        )
-        self.cross_attention = CrossAttention(
-            config,
-            bart_attention_spec(
-                hidden, heads, attention_dropout, init_std, kv_input_size=encoder_hidden
-            ),
-        )
-        self.cross_attn_layernorm = layer_norm(
-            hidden, eps, config.sequence_parallel, config.params_dtype
-        )
+        super().__init__(config, submodules, layer_idx, causal=True)
+        self.cross_attention = build_module(submodules.cross_attention, config=config)
+        self.cross_attn_layernorm = self._norm(submodules.cross_attn_layernorm)
 
     def forward(
         self,

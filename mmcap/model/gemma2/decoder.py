@@ -19,8 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mmcap.config import DecoderConfig
 from mmcap.config import IGNORE_INDEX
 from mmcap.model.decoder_base import DecoderLanguageModel
-from mmcap.model.gemma2.layer import Gemma2DecoderLayer
-from mmcap.model.norms import GemmaRMSNorm
+from mmcap.model.norms import LocalNorm
 from mmcap.model.rope import RotaryEmbedding
 
 __all__ = ["IGNORE_INDEX", "Gemma2Decoder"]
@@ -50,16 +49,8 @@ class Gemma2Decoder(DecoderLanguageModel):
             tp_group=self.tp_group,
         )
 
-    def build_layer(self, layer_idx: int):
-        return Gemma2DecoderLayer(self.config, self.decoder_config, layer_idx)
-
     def build_final_norm(self):
-        return GemmaRMSNorm(
-            self.decoder_config.hidden_size,
-            self.decoder_config.norm_eps,
-            self.config.sequence_parallel,
-            self.config.params_dtype,
-        )
+        return LocalNorm(self.config, self.config.hidden_size, self.config.layernorm_epsilon)
 
     def embed(self, input_ids, position_ids):
         hidden = self.embedding(input_ids, position_ids=None)

@@ -5,74 +5,70 @@
     h = h + post_mlp_layernorm(mlp(pre_mlp_layernorm(h)))
 
 megatron-core's TransformerLayer has no slots for Gemma's post-attention / post-MLP norms
-or the gated block (MEGATRON_CPU.md), so the layer is mmcap's own, built from megatron-core's
-tensor-parallel linears. Under ``recompute_granularity="full"`` the whole layer is recomputed
+or the gated block (MEGATRON_CPU.md), so the layer is mmcap's own, built from a ModuleSpec
+(:mod:`mmcap.model.specs`) whose linears and norms are megatron-core's local ones or its
+Transformer Engine extension. Under ``recompute_granularity="full"`` the whole layer is recomputed
 in backward (:func:`mmcap.model.attention.recompute_layer`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mmcap.config import DecoderConfig
-from mmcap.model.attention import AttentionSpec, SelfAttention, recompute_layer
-from mmcap.model.gemma2.cross_attention import GatedCrossAttention
-from mmcap.model.mlp import MLP
-from mmcap.model.norms import GemmaRMSNorm
+from mmcap.model.attention import recompute_layer
+from mmcap.model.norms import LocalNorm
 
 
-def self_attention_spec(decoder: DecoderConfig, layer_idx: int) -> AttentionSpec:
-    """Gemma-2 self-attention of global layer ``layer_idx``: scale query_pre_attn_scalar^-0.5,
-    soft-cap, and the sliding window on HF's ``sliding_attention`` layers."""
-    return AttentionSpec(
-        hidden_size=decoder.hidden_size,
-        num_heads=decoder.num_attention_heads,
-        num_kv_heads=decoder.num_kv_heads,
-        head_dim=decoder.head_dim,
-        softmax_scale=decoder.query_pre_attn_scalar**-0.5,
-        softcap=decoder.attn_logit_softcap,
-        window=decoder.sliding_window if decoder.is_sliding(layer_idx) else None,
-        dropout_p=decoder.attention_dropout,
-    )
+@dataclass
+class Gemma2LayerSubmodules:
+    """ModuleSpecs of one Gemma-2 layer (:func:`mmcap.model.specs.gemma2_layer_spec`);
+    ``cross_attention`` None = a plain Gemma-2 layer."""
+
+    input_layernorm: ModuleSpec | type = LocalNorm
+    self_attention: ModuleSpec | type = None
+    post_attention_layernorm: ModuleSpec | type = LocalNorm
+    cross_attention: ModuleSpec | type | None = None
+    pre_mlp_layernorm: ModuleSpec | type = LocalNorm
+    mlp: ModuleSpec | type = None
+    post_mlp_layernorm: ModuleSpec | type = LocalNorm
 
 
 class Gemma2DecoderLayer(MegatronModule):
     """Args:
-    config: decoder TransformerConfig.
-    decoder: mmcap DecoderConfig.
+    config: the decoder's MMCapTransformerConfig.
+    submodules: :class:`Gemma2LayerSubmodules`.
     layer_idx: global 0-based index of the layer (HF numbering).
     """
 
-    def __init__(self, config: TransformerConfig, decoder: DecoderConfig, layer_idx: int) -> None:
+    def __init__(
+        self, config: TransformerConfig, submodules: Gemma2LayerSubmodules, layer_idx: int
+    ) -> None:
         super().__init__(config=config)
         self.layer_idx = layer_idx
-        sp, dt, eps, h = (
-            config.sequence_parallel,
-            config.params_dtype,
-            decoder.norm_eps,
-            decoder.hidden_size,
-        )
-        self.input_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.self_attention = SelfAttention(
-            config, self_attention_spec(decoder, layer_idx), causal=True
-        )
-        self.post_attention_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.cross_attention = (
-            GatedCrossAttention(config, decoder) if decoder.gated_cross_attention else None
-        )
-        self.pre_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
-        self.mlp = MLP(
-            config,
-            h,
-            decoder.ffn_hidden_size,
-            activation=decoder.activation,
-            gated=True,
-            bias=False,
-        )
-        self.post_mlp_layernorm = GemmaRMSNorm(h, eps, sp, dt)
 
+        def norm(spec):
+            return build_module(
+                spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+
+        self.input_layernorm = norm(submodules.input_layernorm)
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_idx=layer_idx, causal=True
+        )
+        self.post_attention_layernorm = norm(submodules.post_attention_layernorm)
+        self.cross_attention = (
+            None
+            if submodules.cross_attention is None
+            else build_module(submodules.cross_attention, config=config)
+        )
+        self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
+        self.mlp = build_module(submodules.mlp, config=config)
+        self.post_mlp_layernorm = norm(submodules.post_mlp_layernorm)
     def forward(
         self,
         hidden: torch.Tensor,
