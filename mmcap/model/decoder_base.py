@@ -26,7 +26,7 @@ from torch import nn
 from mmcap.config import IGNORE_INDEX, DecoderConfig
 from mmcap.model.pipeline import decoder_layer_range
 from mmcap.model.sharded import stack_sharded_state_dict
-from mmcap.model.te import fp8_layer_context
+from mmcap.model.te import fp8_layer_context, fp8_stack_context
 from mmcap.ops.softcap_ce import softcap_ce
 
 __all__ = ["IGNORE_INDEX", "DecoderLanguageModel"]
@@ -160,9 +160,10 @@ class DecoderLanguageModel(LanguageModule, metaclass=ABCMeta):
             encoder_out = tensor_parallel.copy_to_tensor_model_parallel_region(encoder_out)
         ctx = self.layer_context(position_ids)
         docs = docs or (None, None)
-        for layer in self.layers:
-            with fp8_layer_context(self.config, layer.layer_idx):  # null context without FP8
-                hidden = layer(hidden, ctx, encoder_out, encoder_mask, *docs)
+        with fp8_stack_context(self.config):  # null contexts without FP8
+            for layer in self.layers:
+                with fp8_layer_context(self.config, layer.layer_idx):
+                    hidden = layer(hidden, ctx, encoder_out, encoder_mask, *docs)
         if not self.post_process:
             return hidden
         if self.final_layernorm is not None:

@@ -6,7 +6,8 @@ linears and mmcap's torch norms (CPU, any GPU); ``"transformer_engine"`` = megat
 extension (TEColumnParallelLinear / TERowParallelLinear / TENorm); ``"auto"`` = Transformer
 Engine when it is importable and CUDA is available, else local. ``precision.fp8`` needs
 Transformer Engine: the layers then run under TE's FP8 autocast (megatron-core's
-``get_fp8_context``, per layer), while mmcap's attention core (soft-capped, a back-end of
+``get_fp8_context``: around the layer loop for the delayed recipe, per layer otherwise, as
+megatron-core's TransformerBlock), while mmcap's attention core (soft-capped, a back-end of
 :mod:`mmcap.ops.attention`) and the LM-head loss are not TE modules and stay in bf16.
 
 Transformer Engine's PyTorch bindings are source-only on PyPI: ``pip install
@@ -69,11 +70,23 @@ def resolve_transformer_impl(precision) -> str:
     return impl
 
 
+def fp8_stack_context(config):
+    """Around a stack's loop over its layers: TE's FP8 autocast once per forward for the delayed
+    recipe (its amax history is reduced once, on leaving; megatron-core's TransformerBlock does
+    the same), else a null context."""
+    if not config.fp8 or config.fp8_recipe != "delayed":
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config)
+
+
 def fp8_layer_context(config, layer_idx: int):
-    """TE's FP8 autocast for global layer ``layer_idx`` when ``config.fp8`` is set (megatron-
-    core's recipe from ``fp8_recipe`` / ``fp8_amax_history_len`` / ..., amax reduced over its
-    amax-reduction group), else a null context."""
-    if not config.fp8:
+    """Around global layer ``layer_idx``: TE's FP8 autocast per layer for the current-scaling
+    recipes ("tensorwise", "blockwise", "mxfp8"; megatron-core's ``get_fp8_context``, which
+    also keeps ``first_last_layers_bf16`` layers in bf16), else a null context (no FP8, or the
+    delayed recipe's stack-wide context)."""
+    if not config.fp8 or config.fp8_recipe == "delayed":
         return contextlib.nullcontext()
     from megatron.core.fp8_utils import get_fp8_context
 

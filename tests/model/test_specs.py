@@ -274,3 +274,45 @@ def test_local_rmsnorm_must_be_zero_centred():
     c2 = dataclasses.replace(c, layernorm_zero_centered_gamma=False)
     with pytest.raises(ValueError, match="zero-centred"):
         LocalNorm(c2, 8, 1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_stacks_enter_fp8_contexts_as_megatron_does(
+    single_rank_parallel_state, monkeypatch, recipe
+):
+    """Delayed scaling: one FP8 autocast around each stack's layer loop; current scaling: one
+    per layer, with the layer's global index (megatron-core's TransformerBlock). Run with local
+    linears and a recording stand-in for megatron-core's get_fp8_context (no TE here)."""
+    import contextlib
+
+    import megatron.core.fp8_utils as fp8_utils
+
+    from mmcap.model import transformer_config as tc
+    from mmcap.model.captioner import CaptioningModel
+
+    calls = []
+
+    def recording(config, layer_no=-1, is_init=False):
+        calls.append((config.arch, config.num_layers, layer_no))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(fp8_utils, "get_fp8_context", recording)
+    monkeypatch.setattr(tc, "resolve_transformer_impl", lambda precision: "local")
+    cfg = get_preset("debug-gemma")
+    prec = PrecisionConfig("bf16", fp8="hybrid", fp8_recipe=recipe)
+    model = CaptioningModel(cfg, precision=prec).eval()
+    assert model.decoder.config.fp8 == "hybrid" and calls == []
+    v = cfg.vision.image_size
+    with torch.no_grad():
+        model(
+            torch.randint(3, 50, (2, 6)),
+            torch.randint(3, 50, (2, 5)),
+            pixel_values=torch.randn(2, 3, v, v, dtype=torch.bfloat16),
+        )
+    enc, dec = cfg.encoder.num_layers, cfg.decoder.num_layers
+    if recipe == "delayed":
+        assert calls == [("bart", enc, -1), ("gemma2", dec, -1)]
+    else:
+        assert calls == [("bart", enc, i) for i in range(enc)] + [
+            ("gemma2", dec, i) for i in range(dec)
+        ]

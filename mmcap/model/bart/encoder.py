@@ -18,7 +18,7 @@ from torch import nn
 from mmcap.config import EncoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
 from mmcap.model.sharded import stack_sharded_state_dict
-from mmcap.model.te import fp8_layer_context
+from mmcap.model.te import fp8_layer_context, fp8_stack_context
 from mmcap.model.stage_io import build_encoder_mask
 
 
@@ -75,9 +75,10 @@ class BartEncoder(MegatronModule):
                 position_ids=packed.encoder_pos,
                 scatter=(image_tokens, packed.image_index),
             )
-            for layer in self.layers:
-                with fp8_layer_context(self.config, layer.layer_idx):
-                    hidden = layer(hidden, None, packed.encoder_doc)
+            with fp8_stack_context(self.config):  # null contexts without FP8
+                for layer in self.layers:
+                    with fp8_layer_context(self.config, layer.layer_idx):
+                        hidden = layer(hidden, None, packed.encoder_doc)
             return hidden, packed.encoder_doc >= 0
         b, s = prompt_ids.shape
         if prompt_mask is None:
@@ -85,9 +86,10 @@ class BartEncoder(MegatronModule):
         n = image_tokens.shape[1] if image_tokens is not None else 0
         mask = build_encoder_mask(prompt_mask, n)
         hidden = self.embedding(prompt_ids, prefix=image_tokens)
-        for layer in self.layers:
-            with fp8_layer_context(self.config, layer.layer_idx):  # null context without FP8
-                hidden = layer(hidden, mask)
+        with fp8_stack_context(self.config):  # null contexts without FP8
+            for layer in self.layers:
+                with fp8_layer_context(self.config, layer.layer_idx):
+                    hidden = layer(hidden, mask)
         return hidden, mask
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:

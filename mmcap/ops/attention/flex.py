@@ -1,6 +1,7 @@
 """The `flex` attention back-end: torch's FlexAttention, compiled once per process and length
 bucket (sequence lengths padded up to a multiple of 128, padded keys masked; block masks cached
-per shape), so training steps with new lengths do not recompile.
+per shape, per-batch ones once per micro-batch for all layers), so training steps with new
+lengths do not recompile.
 
 Softcap is a `score_mod` (tanh), causal / sliding window / kv padding are a `BlockMask` built
 from `AttnMaskSpec.allows`, so the mask semantics are the reference's, not a re-reading of
@@ -12,7 +13,9 @@ backward (it refuses inputs that require grad).
 
 from __future__ import annotations
 
+import collections
 import functools
+import weakref
 
 import torch
 
@@ -129,6 +132,37 @@ def _doc_block_mask(spec, s_q, s_k, doc_ids, kv_padding_mask, device) -> "BlockM
     return create_block_mask(mask_mod, q_doc.shape[0], None, s_q, s_k, device=device)
 
 
+# Per-batch block masks (kv padding, packed documents) are memoised on the identity of the
+# tensors they are built from: every layer of a forward gets the same encoder mask / document
+# ids, so a micro-batch builds its cross-attention mask once instead of once per layer (26-46
+# create_block_mask calls per forward on the Gemma sizes). A hit needs the very same tensor
+# objects, alive (weak references) and unmodified (``_version``); a few entries cover the
+# micro-batches in flight.
+_BATCH_MASK_CACHE_SIZE = 8
+_batch_masks: collections.OrderedDict = collections.OrderedDict()
+
+
+def _memoised_on_tensors(tensors: tuple, key: tuple, build) -> "BlockMask":
+    """``build()``, reused while ``tensors`` (None or tensors) are the same live, unmodified
+    objects and ``key`` (shapes, mask kind) is equal."""
+    ident = tuple(None if t is None else (id(t), t._version) for t in tensors) + key
+    hit = _batch_masks.get(ident)
+    if hit is not None:
+        refs, mask = hit
+        same = (
+            (r is None) if t is None else (r is not None and r() is t)
+            for r, t in zip(refs, tensors)
+        )
+        if all(same):
+            _batch_masks.move_to_end(ident)
+            return mask
+    mask = build()
+    _batch_masks[ident] = (tuple(None if t is None else weakref.ref(t) for t in tensors), mask)
+    while len(_batch_masks) > _BATCH_MASK_CACHE_SIZE:
+        _batch_masks.popitem(last=False)
+    return mask
+
+
 def _block_mask(
     spec: AttnMaskSpec,
     s_q: int,
@@ -138,11 +172,24 @@ def _block_mask(
     kv_padding_mask: torch.Tensor | None,
     doc_ids=None,
 ) -> "BlockMask":
+    key = (s_q, s_k, real_k, spec.causal, spec.window, str(device))
     if doc_ids is not None:
-        return _doc_block_mask(spec, s_q, s_k, doc_ids, kv_padding_mask, device)
+        return _memoised_on_tensors(
+            (*doc_ids, kv_padding_mask),
+            key,
+            lambda: _doc_block_mask(spec, s_q, s_k, doc_ids, kv_padding_mask, device),
+        )
     if kv_padding_mask is None:
         return _static_block_mask(s_q, s_k, real_k, spec.causal, spec.window, str(device))
-    # Padding differs per batch: build per call (B = batch, H broadcast), on bucketed keys.
+    return _memoised_on_tensors(
+        (kv_padding_mask,),
+        key,
+        lambda: _padding_block_mask(spec, s_q, s_k, real_k, kv_padding_mask, device),
+    )
+
+
+def _padding_block_mask(spec, s_q, s_k, real_k, kv_padding_mask, device) -> "BlockMask":
+    """Block mask of a batch's kv padding (B = batch, H broadcast), on bucketed keys."""
     pad = torch.nn.functional.pad(kv_padding_mask.bool(), (0, s_k - real_k), value=False)
 
     def mask_mod(b, h, q_idx, kv_idx):
