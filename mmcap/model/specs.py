@@ -16,8 +16,8 @@ cross-attn ``linear_kv``  ColumnParallelLinear          ColumnParallelLinear (se
 ======================  ==============================  =====================================
 
 The parameter names are the same in both (``weight`` / ``bias`` of every linear and norm), so
-Hugging Face conversion and mmcap checkpoints do not depend on the implementation; Transformer
-Engine adds ``_extra_state`` (FP8 scaling state) to the module state dicts. Cross-attention's
+Hugging Face conversion does not depend on the implementation; the linears of both save an
+``_extra_state`` (empty for megatron-core's local ones, FP8 scaling state for TE's). Cross-attention's
 ``linear_kv`` stays megatron-core's local linear in both: it reads the TP-replicated encoder
 output and must leave that gradient unreduced (``disable_grad_reduce``, reduced once per
 decoder stage), which TE's column-parallel linear does not offer. The attention core is
