@@ -9,6 +9,8 @@ and the rendezvous, so the same command runs on one node or many. Per step:
 2. :func:`mmcap.train.step.train_step` runs megatron-core's schedule over the micro-batches
    (no pipelining / 1F1B / interleaved) and one optimizer step (DDP + distributed optimizer);
    a non-finite loss or gradient skips the update (``max_bad_steps`` in a row stop the run);
+   the loss, the batch counts and the decode / signal flags are reduced together (one
+   all-reduce, one host read per step: :mod:`mmcap.train.step_stats`);
 3. the LR scheduler advances on successful updates (Megatron-LM), metrics are logged by the
    global last rank (a last pipeline stage), validation and checkpoints run at their
    intervals (one save policy: :mod:`mmcap.train.checkpointer`), and a SIGTERM or SIGINT seen

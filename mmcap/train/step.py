@@ -5,6 +5,8 @@
   (``get_megatron_optimizer``: distributed optimizer = ZeRO-1, grad clipping, loss scaling).
 - megatron-core's schedule (no pipelining, 1F1B or interleaved) through
   :func:`mmcap.model.stage_io.run_schedule`, the one call train and eval share.
+- The step's statistics (loss, per-key sums, the loop's batch counts and flags) in one
+  all-reduce and one device->host copy (:mod:`mmcap.train.step_stats`).
 - Per-token loss: ``calculate_per_token_loss`` makes megatron-core divide the summed loss by the
   number of target tokens of the whole global batch (all micro-batches, all DP ranks), so every
   layout computes the same gradient.
