@@ -285,3 +285,28 @@ def test_to_device_copies_non_blocking_and_keeps_device_tensors():
     cpu = to_device(host, "cpu")  # the CPU trainer: nothing moves, nothing is pinned
     assert cpu.prompt_ids is mb.prompt_ids and cpu.packed.encoder_doc is docs.encoder_doc
     assert cpu.pixel_values is host.pixel_values
+
+
+def test_exit_duration_takes_the_reduced_elapsed_minutes():
+    """``exit_duration_minutes`` decides on the elapsed time of the step's reduction (the
+    maximum over ranks), no longer on an all-reduce of its own."""
+    from mmcap.train.__main__ import config_from_args, parse_args
+    from mmcap.train.loop import StopConditions
+    from mmcap.train.state import TrainState
+
+    cfg = config_from_args(
+        parse_args(["--preset", "debug-gemma", "exit_duration_minutes=2", "train_steps=10"])
+    )
+    stop = StopConditions(cfg)
+    try:
+        state = TrainState(sampler={})
+        state.step = 3
+        assert stop.check(state, False, 1.9) is None
+        assert stop.check(state, False, 2.0) == "exit"
+        assert stop.check(state, True, 0.0) == "signal"
+        state.step = 10  # the last step ends the run, not the duration
+        assert stop.check(state, False, 5.0) is None
+        with pytest.raises(ValueError, match="elapsed_minutes"):
+            stop.check(TrainState(sampler={}), False)
+    finally:
+        stop.restore()
