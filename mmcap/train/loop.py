@@ -105,7 +105,7 @@ def run_step(
     host = HostStats(
         counts=t.counter(batch),
         decode_failures=batch.decode_failures,
-        signalled=stop.received is not None,
+        signalled=lambda: stop.received is not None,
         start_time=stop.start if cfg.exit_duration_minutes is not None else None,
     )
     result = train_step(

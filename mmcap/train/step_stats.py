@@ -24,6 +24,7 @@ one SUM over the world gives what separate reductions over the DP, PP and world 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,15 @@ class HostStats:
     Args:
         counts: float64 [7] from :class:`mmcap.train.data.StepCounter` (host tensor).
         decode_failures: images of this rank's batch that failed to decode.
-        signalled: this rank saw SIGTERM / SIGINT.
+        signalled: this rank saw SIGTERM / SIGINT; a callable is asked at the reduction
+            (after forward / backward), so a signal during the step counts for this step.
         start_time: ``time.time()`` at the run's start; the elapsed minutes (max over ranks)
             are measured at the reduction (after forward / backward). None = not needed.
     """
 
     counts: torch.Tensor | None = None
     decode_failures: int = 0
-    signalled: bool = False
+    signalled: bool | Callable[[], bool] = False
     start_time: float | None = None
 
 
@@ -125,7 +127,8 @@ def reduce_step_stats(
     host_part = torch.zeros(NUM_COUNTS + 2, dtype=torch.float64)
     if owner and host.counts is not None:
         host_part[:NUM_COUNTS] = host.counts
-    host_part[NUM_COUNTS:] = torch.tensor([float(host.decode_failures), float(host.signalled)])
+    signalled = host.signalled() if callable(host.signalled) else host.signalled
+    host_part[NUM_COUNTS:] = torch.tensor([float(host.decode_failures), float(signalled)])
     stats = torch.cat([loss_part, _to_device(host_part, device)])
     elapsed = None
     if host.start_time is not None:
