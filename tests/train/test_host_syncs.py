@@ -9,7 +9,9 @@
   world reductions gave (loss and per-key sums of the last stage over DP, counts over DP,
   decode failures / TP and signals over the world, elapsed minutes max) for TP2xDP2, PP2xDP2,
   TP2xPP2;
-- the counter itself, and :func:`mmcap.train.data.to_device`'s non_blocking copies.
+- the counter itself, :func:`mmcap.train.data.to_device`'s non_blocking copies, and
+  ``BatchSource.next``'s device branch ("meta" standing in for the GPU: padded / packed, host /
+  GPU-decoded pixels), the only part of the CUDA copy path a CPU machine can run.
 """
 
 import dataclasses
@@ -310,3 +312,67 @@ def test_exit_duration_takes_the_reduced_elapsed_minutes():
             stop.check(TrainState(sampler={}), False)
     finally:
         stop.restore()
+
+
+def _fields(mb):
+    out = {}
+    for f in dataclasses.fields(mb):
+        v = getattr(mb, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update({f"{f.name}.{k}": x for k, x in _fields(v).items()})
+        else:
+            out[f.name] = v
+    return out
+
+
+@pytest.mark.parametrize("pixels_on_device", [False, True], ids=["host pixels", "GPU pixels"])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_batch_source_copies_micro_batches_to_the_device(
+    dataset, monkeypatch, packing, pixels_on_device
+):
+    """BatchSource.next's device branch on a CPU machine ("meta" stands for the GPU): the
+    micro-batches equal the CPU ones field by field (shape, dtype) and every tensor is on the
+    device; pixels decoded on the device are used in place."""
+    from mmcap.train import data as train_data
+    from mmcap.train.__main__ import config_from_args, parse_args
+
+    cfg = config_from_args(
+        parse_args(
+            [
+                "--preset", "debug-gemma", f"data.train=[{dataset}]", "data.num_workers=0",
+                "data.batch.max_prompt_tokens=24", "data.batch.max_target_tokens=24",
+                "global_batch_size=8", "micro_batch_size=2", f"data.packing={packing}",
+            ]
+        )
+    )  # fmt: skip
+
+    def source():
+        return train_data.BatchSource(
+            cfg, cfg.model_config(), needs_pixels=True, dp_rank=0, dp_size=1
+        )
+
+    ref_mbs, _ = source().next()
+    assert any(mb.pixel_values is not None for mb in ref_mbs)  # the pixel paths are exercised
+    monkeypatch.setattr(train_data, "current_device", lambda: torch.device("meta"))
+    src = source()
+    if pixels_on_device:
+        it = src._iterator()
+
+        def on_device():
+            for batch in it:
+                batch.pixels = batch.pixels.to("meta")
+                yield batch
+
+        src._it = on_device()
+    mbs, _ = src.next()
+    assert len(mbs) == len(ref_mbs)
+    for mb, ref in zip(mbs, ref_mbs):
+        got, want = _fields(mb), _fields(ref)
+        assert got.keys() == want.keys()
+        for name, w in want.items():
+            g = got[name]
+            if isinstance(w, torch.Tensor):
+                assert g.device.type == "meta", name
+                assert (g.shape, g.dtype) == (w.shape, w.dtype), name
+            else:
+                assert g == w, name
