@@ -188,6 +188,8 @@ def iterate_batches(
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=num_workers > 0,
+        # Pinned pixels: the trainer's host->device copy is non_blocking (mmcap.train.data).
+        pin_memory=torch.cuda.is_available(),
         # "forkserver" when this process may hold threads (compiled kernels, OpenMP pools)
         multiprocessing_context=multiprocessing_context if num_workers else None,
         worker_init_fn=_ignore_termination if num_workers and workers_ignore_sigterm else None,

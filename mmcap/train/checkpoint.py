@@ -152,11 +152,15 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
-def _agree(failed: bool) -> bool:
-    """True on every rank if any rank failed (one all-reduce)."""
+def _agree(failed: bool | torch.Tensor) -> bool:
+    """True on every rank if any rank failed (one all-reduce, one host read); ``failed`` may
+    be a bool tensor on the device, read only after the all-reduce."""
     if not dist.is_initialized():
-        return failed
-    flag = torch.tensor([float(failed)], device=_device())
+        return bool(failed)
+    if isinstance(failed, torch.Tensor):
+        flag = failed.reshape(1).to(torch.float32)
+    else:
+        flag = torch.tensor([float(failed)], device=_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
@@ -205,9 +209,12 @@ def _save_error(final: Path, err: BaseException | None) -> CheckpointSaveError:
 
 
 def weights_are_finite(chunks) -> bool:
-    """Every model parameter finite on every rank (collective)."""
-    ok = all(bool(torch.isfinite(p).all()) for c in chunks for p in _unwrap(c).parameters())
-    return not _agree(not ok)
+    """Every model parameter finite on every rank (collective; one host read, not one per
+    parameter)."""
+    finite = [torch.isfinite(p).all() for c in chunks for p in _unwrap(c).parameters()]
+    if not finite:
+        return not _agree(False)
+    return not _agree(~torch.stack(finite).all())
 
 
 def save_train_state(

@@ -26,6 +26,31 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(value, device: torch.device | str, pin: bool | None = None):
+    """``value`` (a tensor, or a dataclass of them such as a MicroBatch) with its tensors on
+    ``device``. Host tensors are copied with ``non_blocking=True`` from pinned memory (pinned
+    here unless the DataLoader pinned them; ``pin`` defaults to "device is CUDA"): a copy
+    without it makes PyTorch wait on the stream, i.e. for every kernel still queued. Tensors
+    already on ``device`` (pixels decoded on the GPU) stay."""
+    device = torch.device(device)
+    if pin is None:
+        pin = device.type == "cuda"
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        if pin and value.device.type == "cpu" and not value.is_pinned():
+            value = value.pin_memory()
+        return value.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {
+            f.name: to_device(getattr(value, f.name), device, pin)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **moved)
+    return value
+
+
 def _open(path: str, key: str):
     """A CaptionDataset, or a ConfigError naming the key (missing, not preprocessed, damaged)."""
     from mmcap.data.indexed import CaptionDataset
@@ -145,6 +170,9 @@ class BatchSource:
         if self._it is None:
             self._it = self._iterator()
         batch = next(self._it)
+        # Micro-batches are cut on the host, then copied (to_device: pinned, non_blocking).
+        dev = current_device()
+        host_pixels = batch.pixels is None or batch.pixels.device.type == "cpu"
         has_image = batch.image >= 0
         key = np.asarray(batch.key, dtype=np.int64)
         if self.packing:
@@ -162,16 +190,18 @@ class BatchSource:
             )
             batch.encoder_slots = rows.num_rows * self.enc_row
             batch.decoder_slots = rows.num_rows * self.dec_row
+            # Pixels decoded on the GPU: stage_io gathers them per micro-batch on the device.
+            split_on = "cpu" if host_pixels else dev
             mbs = split_packed_microbatches(
                 rows,
                 self.micro_batch_size,
                 num_image_tokens=self.num_image_tokens,
                 pixels=batch.pixels,
                 features=batch.features,
-                device=current_device(),
+                device=split_on,
                 allow_partial=self.partial_microbatch,
             )
-            return mbs, batch
+            return [to_device(mb, dev) for mb in mbs], batch
         b, lp = batch.tokens.encoder_input_ids.shape
         n = self.num_image_tokens if has_image.any() else 0
         # Image rows are computed for samples with an image (mixed batches encode text-only
@@ -183,11 +213,20 @@ class BatchSource:
             self.micro_batch_size,
             num_image_tokens=self.num_image_tokens,
             has_image=torch.from_numpy(has_image),
-            pixels=batch.pixels,
+            pixels=batch.pixels if host_pixels else None,
             features=batch.features,
             key=torch.from_numpy(key),
-            device=current_device(),
+            device="cpu",
         )
+        mbs = [to_device(mb, dev) for mb in mbs]
+        if not host_pixels:  # decoded on the GPU: slices of the device tensor
+            m = self.micro_batch_size
+            mbs = [
+                dataclasses.replace(mb, pixel_values=batch.pixels[i * m : (i + 1) * m])
+                if mb.num_image_tokens
+                else mb
+                for i, mb in enumerate(mbs)
+            ]
         return mbs, batch
 
     def close(self) -> None:
@@ -286,18 +325,21 @@ class StepCounter:
     """
 
     def __init__(self, model_cfg, count_vision: bool):
-        from mmcap.train.flops import step_flops
+        from mmcap.train.flops import step_flops, vision_forward_flops
 
+        if count_vision:  # measured once (meta device) here, not inside the first step
+            vision_forward_flops(model_cfg.vision)
         self.num_image_tokens = model_cfg.vision.num_image_tokens
         self._flops = functools.lru_cache(maxsize=None)(
             lambda p, t, img: step_flops(model_cfg, p, t, img, count_vision=count_vision)
         )
 
     def __call__(self, batch) -> torch.Tensor:
+        # Host data: numpy, not tensor reads (the trainer counts those as syncs; tests).
         t = batch.tokens
-        p_len = t.encoder_attention_mask.sum(1).tolist()
-        t_len = t.decoder_attention_mask.sum(1).tolist()
-        has_image = (batch.image >= 0).tolist()
+        p_len = t.encoder_attention_mask.numpy().sum(1).tolist()
+        t_len = t.decoder_attention_mask.numpy().sum(1).tolist()
+        has_image = (np.asarray(batch.image) >= 0).tolist()
         flops = sum(self._flops(p, n, i) for p, n, i in zip(p_len, t_len, has_image))
         enc_tokens = sum(p_len) + self.num_image_tokens * sum(has_image)
         return torch.tensor(

@@ -9,6 +9,8 @@ and the rendezvous, so the same command runs on one node or many. Per step:
 2. :func:`mmcap.train.step.train_step` runs megatron-core's schedule over the micro-batches
    (no pipelining / 1F1B / interleaved) and one optimizer step (DDP + distributed optimizer);
    a non-finite loss or gradient skips the update (``max_bad_steps`` in a row stop the run);
+   the loss, the batch counts and the decode / signal flags are reduced together (one
+   all-reduce, one host read per step: :mod:`mmcap.train.step_stats`);
 3. the LR scheduler advances on successful updates (Megatron-LM), metrics are logged by the
    global last rank (a last pipeline stage), validation and checkpoints run at their
    intervals (one save policy: :mod:`mmcap.train.checkpointer`), and a SIGTERM or SIGINT seen
@@ -27,15 +29,14 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from mmcap.parallel.lifetime import die_with_parent, forkserver_dies_with_parent
 from mmcap.train.builder import Trainer, build_trainer, is_log_rank
 from mmcap.train.config import TrainConfig
-from mmcap.train.data import current_device
 from mmcap.train.state import TrainState
 from mmcap.train.step import train_step
+from mmcap.train.step_stats import HostStats
 
 log = logging.getLogger("mmcap.train")
 
@@ -72,8 +73,11 @@ class StopConditions:
         for s, h in self._previous.items():
             signal.signal(s, h)
 
-    def check(self, state: TrainState, signalled: bool) -> str | None:
-        """Collective (the duration check all-reduces); ``signalled``: any rank saw a signal."""
+    def check(
+        self, state: TrainState, signalled: bool, elapsed_minutes: float | None = None
+    ) -> str | None:
+        """``signalled``: any rank saw a signal; ``elapsed_minutes``: the maximum over ranks
+        (:class:`mmcap.train.step_stats.StepStats`), the same on every rank. Not collective."""
         cfg = self.cfg
         if state.bad_in_row >= cfg.max_bad_steps:
             return "bad_stop"
@@ -83,37 +87,58 @@ class StopConditions:
         if cfg.exit_interval and state.step % cfg.exit_interval == 0 and not last:
             return "exit"
         if cfg.exit_duration_minutes is not None and not last:
-            if _elapsed_minutes(self.start) >= cfg.exit_duration_minutes:
+            if elapsed_minutes is None:
+                raise ValueError("exit_duration_minutes is set: check() needs elapsed_minutes")
+            if elapsed_minutes >= cfg.exit_duration_minutes:
                 return "exit"
         return None
 
 
-def _elapsed_minutes(start: float) -> float:
-    """Minutes since ``start``, the maximum over ranks (all ranks take the same decision)."""
-    t = torch.tensor([(time.time() - start) / 60.0], dtype=torch.float64, device=current_device())
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _global_counts(t: Trainer, batch, signalled: bool):
-    """(samples, images, model FLOPs, (useful encoder, useful decoder token fraction)) of the
-    global batch (DP all-reduce) and, in one world all-reduce, the images that failed to decode
-    (first-stage ranks decode; every TP rank of a replica the same batch) and whether any rank
-    saw a signal."""
-    from megatron.core import parallel_state
-
-    counts = t.counter(batch).to(current_device())
-    flags = torch.tensor(
-        [float(batch.decode_failures), float(signalled)], device=current_device()
+def run_step(
+    t: Trainer, state: TrainState, stop: StopConditions, mbs, batch, t0: float, t_data: float
+) -> str | None:
+    """One step on a fetched batch: :func:`train_step` (this rank's batch counts and flags are
+    reduced with the loss: one all-reduce and one device->host copy for the whole step), the
+    state, the metrics, the stop decision (returned: :meth:`StopConditions.check`)."""
+    cfg = t.cfg
+    fp16 = cfg.precision.params_dtype == "fp16"
+    host = HostStats(
+        counts=t.counter(batch),
+        decode_failures=batch.decode_failures,
+        signalled=lambda: stop.received is not None,
+        start_time=stop.start if cfg.exit_duration_minutes is not None else None,
     )
-    if dist.is_initialized():
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        dist.all_reduce(flags)
-    samples, images, flops, enc, enc_slots, dec, dec_slots = counts.tolist()
-    useful = (enc / max(enc_slots, 1.0), dec / max(dec_slots, 1.0))
-    failures = int(flags[0].item()) // t.cfg.parallel.tensor_parallel
-    return samples, images, flops, useful, failures, bool(flags[1].item() > 0)
+    result = train_step(
+        t.chunks,
+        t.optimizer,
+        mbs,
+        encoder_hidden=t.model_cfg.encoder.hidden_size,
+        scheduler=t.scheduler,
+        loss_averaging=cfg.optim.loss_averaging,
+        host_stats=host,
+    )
+    g = result.stats
+    overflow = fp16 and cfg.optim.loss_scale is None and result.skipped == "non-finite gradients"
+    state.record(
+        samples=int(g.samples), sampler=batch.state, skipped=result.skipped, overflow=overflow
+    )
+    # Every TP rank of a replica decoded the same batch (reduce_step_stats divides by TP).
+    state.decode_failures += g.decode_failures
+    if result.skipped is not None:
+        _log_skip(t, state, result, overflow)
+    t.logger.log_step(
+        state,
+        result,
+        samples=g.samples,
+        images=g.images,
+        flops=g.flops,
+        useful=g.useful,
+        step_time=time.perf_counter() - t0,
+        data_time=t_data,
+        # fp16: a device read (a sync) on the logging rank only.
+        loss_scale=t.optimizer.get_loss_scale().item() if fp16 and is_log_rank() else None,
+    )
+    return stop.check(state, g.signalled, g.elapsed_minutes)
 
 
 def _log_skip(t: Trainer, state: TrainState, result, overflow: bool) -> None:
@@ -139,8 +164,6 @@ def train(cfg: TrainConfig) -> int:
     state = t.checkpointer.resume(t.data) or TrainState(sampler=t.data.state_dict())
     t.checkpointer.record_config(cfg)
     stop = StopConditions(cfg)
-    fp16 = cfg.precision.params_dtype == "fp16"
-    dynamic_scaling = fp16 and cfg.optim.loss_scale is None
     p = cfg.parallel
     layout = (
         f"packed rows {t.data.enc_row} / {t.data.dec_row} tokens (encoder / decoder), "
@@ -169,36 +192,7 @@ def train(cfg: TrainConfig) -> int:
             t0 = time.perf_counter()
             mbs, batch = t.data.next()
             t_data = time.perf_counter() - t0
-            result = train_step(
-                t.chunks,
-                t.optimizer,
-                mbs,
-                encoder_hidden=t.model_cfg.encoder.hidden_size,
-                scheduler=t.scheduler,
-                loss_averaging=cfg.optim.loss_averaging,
-            )
-            samples, images, flops, useful, failures, signalled = _global_counts(
-                t, batch, stop.received is not None
-            )
-            overflow = dynamic_scaling and result.skipped == "non-finite gradients"
-            state.record(
-                samples=int(samples), sampler=batch.state, skipped=result.skipped, overflow=overflow
-            )
-            state.decode_failures += failures
-            if result.skipped is not None:
-                _log_skip(t, state, result, overflow)
-            t.logger.log_step(
-                state,
-                result,
-                samples=samples,
-                images=images,
-                flops=flops,
-                useful=useful,
-                step_time=time.perf_counter() - t0,
-                data_time=t_data,
-                loss_scale=t.optimizer.get_loss_scale().item() if fp16 else None,
-            )
-            event = stop.check(state, signalled)
+            event = run_step(t, state, stop, mbs, batch, t0, t_data)
             if event in (None, "exit") and t.validator.due(state.step, state.step == cfg.train_steps):
                 t.logger.log_eval(state.step, t.validator(state.step))
             if event is not None:

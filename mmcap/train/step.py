@@ -5,6 +5,8 @@
   (``get_megatron_optimizer``: distributed optimizer = ZeRO-1, grad clipping, loss scaling).
 - megatron-core's schedule (no pipelining, 1F1B or interleaved) through
   :func:`mmcap.model.stage_io.run_schedule`, the one call train and eval share.
+- The step's statistics (loss, per-key sums, the loop's batch counts and flags) in one
+  all-reduce and one device->host copy (:mod:`mmcap.train.step_stats`).
 - Per-token loss: ``calculate_per_token_loss`` makes megatron-core divide the summed loss by the
   number of target tokens of the whole global batch (all micro-batches, all DP ranks), so every
   layout computes the same gradient.
@@ -16,7 +18,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -25,6 +26,8 @@ from mmcap.config import IGNORE_INDEX
 from mmcap.data.prompts import ALL_KEYS
 from mmcap.model.stage_io import MicroBatch, run_schedule
 from mmcap.parallel import cuda_factories_on_cpu
+from mmcap.train.data import current_device
+from mmcap.train.step_stats import HostStats, StepStats, reduce_step_stats
 
 
 def wrap_model(
@@ -109,7 +112,7 @@ def key_loss(mb: MicroBatch, output: torch.Tensor):
             per_item = torch.stack([per_token.detach().sum(1), mask.sum(1)], dim=1)  # [b, 2]
             keys = mb.key
         by_key = per_item.new_zeros(len(ALL_KEYS), 2)
-        logs["key loss"] = by_key.index_add_(0, keys.to(by_key.device), per_item)
+        logs["key loss"] = by_key.index_add_(0, keys, per_item)  # keys are on the device
     return loss, tokens, logs
 
 
@@ -134,6 +137,7 @@ class StepResult:
         skipped: None, or why the update was skipped ("non-finite loss" / "non-finite
             gradients").
         lr: the learning rate this step used.
+        stats: everything the step reduced (loss, counts, flags; :class:`StepStats`).
     """
 
     loss: float
@@ -142,6 +146,7 @@ class StepResult:
     lr: float
     grad_norm: float | None = None
     skipped: str | None = None
+    stats: StepStats | None = None
 
     @property
     def update_successful(self) -> bool:
@@ -156,6 +161,7 @@ def train_step(
     encoder_hidden: int,
     scheduler=None,
     loss_averaging: str = "global_token",
+    host_stats: HostStats | None = None,
 ) -> StepResult:
     """Forward + backward over ``microbatches`` (this DP rank's share), one optimizer step and,
     when the update was applied, one LR-scheduler step (Megatron-LM: skipped steps do not
@@ -163,6 +169,9 @@ def train_step(
 
     A non-finite global loss skips the update; so does a loss scaler that finds non-finite
     gradients (megatron-core's optimizer: fp16, or bf16 / fp32 with ``loss_scale`` set).
+
+    ``host_stats``: this rank's batch counts / flags, reduced together with the loss
+    (:func:`mmcap.train.step_stats.reduce_step_stats`); the result is ``StepResult.stats``.
     """
     for c in ddp_chunks:
         c.zero_grad_buffer()
@@ -177,30 +186,13 @@ def train_step(
         forward_only=False,
         encoder_hidden=encoder_hidden,
     )
-    # The global loss (and per-key sums) on EVERY rank, so all ranks agree on skipping.
-    stats = torch.zeros(2 + 2 * len(ALL_KEYS), dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
-        stats[:2] = torch.stack([x["lm loss"] for x in losses]).sum(0).double().cpu()
-        if "key loss" in losses[0]:
-            stats[2:] = torch.stack([x["key loss"] for x in losses]).sum(0).double().cpu().flatten()
-    if torch.distributed.is_initialized():
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        stats = stats.to(dev)
-        torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        torch.distributed.all_reduce(
-            stats, group=parallel_state.get_pipeline_model_parallel_group()
-        )
-        stats = stats.cpu()
-    tokens = stats[1].item()
-    loss = stats[0].item() / tokens if tokens else float("nan")
-    per_key = stats[2:].view(len(ALL_KEYS), 2)
-    key_loss_means = {
-        k: (per_key[i, 0] / per_key[i, 1]).item()
-        for i, k in enumerate(ALL_KEYS)
-        if per_key[i, 1] > 0
-    }
-    result = StepResult(loss=loss, key_loss=key_loss_means, tokens=int(tokens), lr=lr)
-    if not math.isfinite(loss):
+    # The global loss (and per-key sums, and the loop's batch counts / flags) on EVERY rank, so
+    # all ranks agree on skipping: one all-reduce, one device->host copy (step_stats).
+    stats = reduce_step_stats(losses, host_stats, current_device())
+    result = StepResult(
+        loss=stats.loss, key_loss=stats.key_loss, tokens=stats.tokens, lr=lr, stats=stats
+    )
+    if not math.isfinite(stats.loss):
         # NaN / inf loss: no update (the gradient buffers are zeroed at the next step).
         result.skipped = "non-finite loss"
         return result
