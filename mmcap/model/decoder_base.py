@@ -5,8 +5,9 @@ the layers (``layer_range``, global indices), and the head (last stage, ``post_p
 optional final norm, tied vocab-parallel LM head, optional final-logit soft-cap, masking of the
 TP vocabulary padding (logits out), or with labels the fused vocab-parallel soft-capped
 cross-entropy of mmcap.ops.softcap_ce (per-token loss out, no full logits). The tied embedding is
-kept in sync between first and last stage by LanguageModule. Subclasses (Gemma-2, BART)
-provide the embedding, the layers and the final norm.
+kept in sync between first and last stage by LanguageModule. The layers come from the
+config's ModuleSpec (:mod:`mmcap.model.specs`); subclasses (Gemma-2, BART) provide the
+embedding and the final norm.
 
 Activations are [sequence, batch, hidden] (a sequence shard with sequence parallelism). The
 encoder output is given to every stage in full.
