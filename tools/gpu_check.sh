@@ -47,6 +47,10 @@ run() {  # run NAME SECONDS CMD...: one stage under a time limit, output appende
   [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
 }
 
+say() {  # a line on stdout and in the log (no log in a dry run)
+  if [ "$DRY" = 1 ]; then echo "$*"; else echo "$*" | tee -a "$LOG"; fi
+}
+
 cd "$REPO" || exit 1
 [ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
 
@@ -72,7 +76,7 @@ mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' 'mark.gpu' tests | 
 if [ ${#GPU_TEST_FILES[@]} -gt 0 ]; then
   run gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
 else
-  echo "gpu_check: no gpu-marked tests found" | tee -a "$LOG"
+  say "gpu_check: no gpu-marked tests found"
 fi
 
 # 3b. Fused kernels vs the unfused torch path (torch.compile baselines skipped: compile time).
@@ -99,7 +103,7 @@ if "$PY" -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
   run train-large-fp8 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
     --num-microbatches 2 --fp8 hybrid --json "$OUT_DIR/train_large_fp8.json"
 else
-  echo "gpu_check: transformer_engine not importable; TE / FP8 benchmarks skipped" | tee -a "$LOG"
+  say "gpu_check: transformer_engine not importable; TE / FP8 benchmarks skipped"
 fi
 
 # 4b. Sequence packing (data.packing): padded vs packed samples/s on the official length
