@@ -78,6 +78,17 @@ def test_a_dead_tensor_never_serves_a_new_one(builds):
     assert len(builds) == 4
 
 
+def test_inference_tensors_are_not_memoised(builds):
+    """Inference-mode tensors have no version counter: built per call, still correct."""
+    spec = AttnMaskSpec(causal=False, window=None)
+    with torch.inference_mode():
+        mask = _padding([2, 6], 6)
+        for _ in range(2):
+            bm = flex._block_mask(spec, 128, 128, 6, torch.device("cpu"), mask)
+    assert len(builds) == 2
+    assert torch.equal(_dense(bm, 2, 128, 6)[:, 0], mask)
+
+
 def test_document_masks_are_memoised_too(builds):
     spec = AttnMaskSpec(causal=True, window=None)
     q_doc = torch.tensor([[0, 0, 1, 1, -1]])

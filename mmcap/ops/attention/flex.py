@@ -145,6 +145,8 @@ _batch_masks: collections.OrderedDict = collections.OrderedDict()
 def _memoised_on_tensors(tensors: tuple, key: tuple, build) -> "BlockMask":
     """``build()``, reused while ``tensors`` (None or tensors) are the same live, unmodified
     objects and ``key`` (shapes, mask kind) is equal."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return build()  # inference-mode tensors have no version counter: no memo
     ident = tuple(None if t is None else (id(t), t._version) for t in tensors) + key
     hit = _batch_masks.get(ident)
     if hit is not None:
