@@ -24,6 +24,8 @@ PyTorch over the same tiles, which CPU runs and ``MMCAP_DISABLE_KERNELS=1`` forc
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -73,10 +75,15 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             _ADDMM_OUT_DTYPE = True
             return
-        except (RuntimeError, NotImplementedError, TypeError):
+        except (RuntimeError, NotImplementedError, TypeError) as e:
             if _ADDMM_OUT_DTYPE:  # it worked before: a real error
                 raise
             _ADDMM_OUT_DTYPE = False
+            warnings.warn(
+                f"softcap_ce: torch.addmm(out_dtype=float32) unavailable on CUDA ({e}); the "
+                "backward adds a float32 temporary per tile instead (slower)",
+                stacklevel=2,
+            )
     acc += torch.mm(a, b, out_dtype=torch.float32)
 
 
