@@ -18,8 +18,8 @@ from torch import nn
 from mmcap.config import EncoderConfig
 from mmcap.model.bart.embedding import BartEmbedding
 from mmcap.model.sharded import stack_sharded_state_dict
-from mmcap.model.te import fp8_layer_context, fp8_stack_context
 from mmcap.model.stage_io import build_encoder_mask
+from mmcap.model.te import fp8_layer_context, fp8_stack_context
 
 
 class BartEncoder(MegatronModule):
