@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from mmcap.checkpoint.inference_assets import DATASET_TOKENIZERS, TokenizerFiles, write_files
 from mmcap.data.config import PreprocessConfig
 from mmcap.data.indexed import FORMAT, MANIFEST, TASK_TOKENS, ShardWriter, merge_shards
+from mmcap.data.inputs import TAR_SUFFIXES, expand_inputs
 from mmcap.data.manifest import DatasetStats, build_manifest, write_json_durable
 from mmcap.data.prompts import KEY_IDS
 from mmcap.data.records import (
@@ -44,27 +44,6 @@ from mmcap.data.records import (
 )
 
 log = logging.getLogger(__name__)
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-JSONL_SUFFIXES = (".jsonl",)
-
-
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths or globs, each pattern's matches sorted, duplicates dropped."""
-    out: list[Path] = []
-    for pat in patterns:
-        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise FileNotFoundError(f"--input {pat!r} matches no file")
-        for m in matches:
-            p = Path(m).resolve()
-            if not p.name.endswith(TAR_SUFFIXES + JSONL_SUFFIXES):
-                raise ValueError(
-                    f"{p}: unknown input kind; expected {TAR_SUFFIXES + JSONL_SUFFIXES}"
-                )
-            if p not in out:
-                out.append(p)
-    return out
 
 
 class _LocalCounter:

@@ -52,7 +52,7 @@ def _entries(path: Path) -> Iterator[dict]:
 
 def collect_texts(inputs: list[str]) -> tuple[list[str], list[str]]:
     """(encoder prompt texts, decoder target texts) of the input files."""
-    from mmcap.data.preprocess import expand_inputs
+    from mmcap.data.inputs import expand_inputs
 
     prompts = [f"{m} {t}" for m in LANG_MODIFIERS.values() for t in CAPTION_TOKENS.values()]
     targets: list[str] = []
