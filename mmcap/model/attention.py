@@ -4,9 +4,9 @@ Projections are the tensor-parallel linears of the layer spec (:mod:`mmcap.model
 megatron-core's Column/RowParallelLinear (local) or its Transformer Engine extension. Every
 shape and numeric comes from the stack's MMCapTransformerConfig
 (:mod:`mmcap.model.transformer_config`), resolved per block into an :class:`AttentionSpec`.
-The fused self-attention QKV uses megatron-core's grouped layout: for each of the ``num_kv_heads`` query groups the rows are
-[q heads of the group ; k ; v] (``head_dim`` rows each), so a column split over TP keeps whole
-groups on a rank (MHA is the case groups = heads). Cross-attention projects q from the decoder
+The fused self-attention QKV uses megatron-core's grouped layout: for each of the
+``num_kv_heads`` query groups the rows are [q heads of the group ; k ; v] (``head_dim`` rows
+each), so a column split over TP keeps whole groups on a rank (MHA is the case groups = heads). Cross-attention projects q from the decoder
 states and the fused [k ; v] (per group) from the encoder output. The kernel is whatever the
 attention back-end registry (:mod:`mmcap.ops.attention`) picks.
 
@@ -104,46 +104,38 @@ class AttentionSpec:
         return dataclasses.replace(self, **changes)
 
 
-def _init(std: float | None) -> Callable | None:
-    return None if std is None else init_method_normal(std)
+def _block_spec(config, init_std: float | None, **fields) -> AttentionSpec:
+    """The fields every attention block of a stack shares (heads, scale, soft-cap, bias,
+    dropout), N(0, init_std) projections (None = megatron-core's init methods), plus
+    ``fields``."""
+    init = None if init_std is None else init_method_normal(init_std)
+    return AttentionSpec(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        softmax_scale=config.softmax_scale or config.kv_channels**-0.5,
+        softcap=config.attn_logit_softcap,
+        bias=config.add_bias_linear,
+        dropout_p=config.attention_dropout,
+        init_method=init,
+        output_init_method=init,
+        **fields,
+    )
 
 
 def self_attention_spec(config, layer_idx: int) -> AttentionSpec:
     """The self-attention block of global layer ``layer_idx`` under ``config`` (an
     MMCapTransformerConfig): Gemma-2 = scale query_pre_attn_scalar^-0.5, soft-cap, the sliding
     window on HF's ``sliding_attention`` layers; BART = head_dim^-0.5, biases."""
-    init = _init(config.attention_init_std)
-    return AttentionSpec(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_query_groups,
-        head_dim=config.kv_channels,
-        softmax_scale=config.softmax_scale or config.kv_channels**-0.5,
-        softcap=config.attn_logit_softcap,
-        window=config.window(layer_idx),
-        bias=config.add_bias_linear,
-        dropout_p=config.attention_dropout,
-        init_method=init,
-        output_init_method=init,
-    )
+    return _block_spec(config, config.attention_init_std, window=config.window(layer_idx))
 
 
 def cross_attention_spec(config) -> AttentionSpec:
     """Cross-attention from the stack's states to the encoder output (width
     ``config.encoder_hidden_size``): no window, the self-attention's scale and soft-cap."""
-    init = _init(config.cross_attention_init_std)
-    return AttentionSpec(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_query_groups,
-        head_dim=config.kv_channels,
-        softmax_scale=config.softmax_scale or config.kv_channels**-0.5,
-        softcap=config.attn_logit_softcap,
-        bias=config.add_bias_linear,
-        dropout_p=config.attention_dropout,
-        kv_input_size=config.encoder_hidden_size,
-        init_method=init,
-        output_init_method=init,
+    return _block_spec(
+        config, config.cross_attention_init_std, kv_input_size=config.encoder_hidden_size
     )
 
 
