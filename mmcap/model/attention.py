@@ -6,8 +6,9 @@ shape and numeric comes from the stack's MMCapTransformerConfig
 (:mod:`mmcap.model.transformer_config`), resolved per block into an :class:`AttentionSpec`.
 The fused self-attention QKV uses megatron-core's grouped layout: for each of the
 ``num_kv_heads`` query groups the rows are [q heads of the group ; k ; v] (``head_dim`` rows
-each), so a column split over TP keeps whole groups on a rank (MHA is the case groups = heads). Cross-attention projects q from the decoder
-states and the fused [k ; v] (per group) from the encoder output. The kernel is whatever the
+each), so a column split over TP keeps whole groups on a rank (MHA is the case groups =
+heads). Cross-attention projects q from the decoder states and the fused [k ; v] (per group)
+from the encoder output. The kernel is whatever the
 attention back-end registry (:mod:`mmcap.ops.attention`) picks.
 
 Sequence parallelism: q-side inputs may be sequence shards (the column-parallel linear

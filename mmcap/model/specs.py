@@ -20,8 +20,8 @@ Hugging Face conversion does not depend on the implementation; the linears of bo
 ``_extra_state`` (empty for megatron-core's local ones, FP8 scaling state for TE's).
 Cross-attention's ``linear_kv`` stays megatron-core's local linear in both: it reads the
 TP-replicated encoder output and must leave that gradient unreduced (``disable_grad_reduce``,
-reduced once per decoder stage), which TE's column-parallel linear does not offer. The attention core is
-mmcap's back-end registry (:mod:`mmcap.ops.attention`) in both.
+reduced once per decoder stage), which TE's column-parallel linear does not offer. The
+attention core is mmcap's back-end registry (:mod:`mmcap.ops.attention`) in both.
 
 The implementation is ``config.transformer_impl`` (``PrecisionConfig.transformer_impl``,
 resolved by :func:`mmcap.model.te.resolve_transformer_impl`).
