@@ -10,35 +10,68 @@ rows to a per-token (max, sum-exp, target logit) and the three are all-reduced o
 group (the target logit lives on one rank); ``lse = max + log(sum)``, ``loss = lse - target``,
 0 where ``labels == ignore_index``. ``cap=None`` is plain cross-entropy.
 
-Memory: the work is tiled over ``token_chunk`` tokens x ``vocab_chunk`` rows; one float32
-logits tile exists at a time. Backward recomputes each tile's logits, turns them into dlogits
-in place and accumulates ``dh`` (float32, [tokens, d]) and ``dW`` (float32 per vocab chunk).
+Gradients, two strategies (``grad_strategy`` / ``MMCAP_SOFTCAP_CE_GRAD``):
+
+- ``forward`` (default): computed in the forward pass, chunk by chunk of tokens, and scaled in
+  backward: 3 vocabulary-sized GEMMs, float32 ``dh`` and ``dW`` held from forward to backward;
+  the backward needs the same loss gradient on every non-ignored token (a sum or mean of the
+  losses, which is what training does); :mod:`mmcap.ops.softcap_ce_fwdgrad`.
+- ``recompute``: the work is tiled over ``token_chunk`` tokens x ``vocab_chunk`` rows, one
+  float32 logits tile at a time; backward recomputes each tile's logits, turns them into
+  dlogits in place and accumulates ``dh`` (float32, [tokens, d]) and ``dW`` (float32 per vocab
+  chunk): 4 GEMMs, least memory, any per-token gradient.
+
+Either skips the GEMMs of a gradient nobody needs (a frozen LM head: no dW), and without
+autograd (eval) only the forward statistics run (1 GEMM).
 
 Pieces (STYLE.md rule 5): ``csrc/softcap_ce/`` (tile kernels: soft-cap, running max / sum-exp,
 target pick, dlogits; the matmuls are cuBLAS via torch), the custom ops
-``mmcap::softcap_ce_fwd`` / ``mmcap::softcap_ce_bwd`` (this rank's tiles; fake registrations;
-on CPU or without the extension they run the same tiles in torch), the autograd function
-:func:`softcap_ce` (TP all-reduces between the ops) and :func:`softcap_ce_ref`, plain autograd
-PyTorch over the same tiles, which CPU runs and ``MMCAP_DISABLE_KERNELS=1`` forces.
+``mmcap::softcap_ce_fwd`` / ``mmcap::softcap_ce_bwd`` and ``mmcap::softcap_ce_chunk_logits`` /
+``mmcap::softcap_ce_chunk_grads`` (this rank's tiles; fake registrations; without the extension
+they run the same tiles in torch), the autograd functions (TP all-reduces between the ops) and
+:func:`softcap_ce_ref`, plain autograd PyTorch over the same tiles, which CPU runs and
+``MMCAP_DISABLE_KERNELS=1`` forces. On CUDA without the extension the tiled op runs its torch
+tiles (the reference would keep every logits tile for autograd).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
-from mmcap.ops.kernels import load_extension, use_fused_op, use_kernel
+from mmcap.ops.kernels import kernels_disabled, load_extension, use_fused_op, use_kernel
+from mmcap.ops.softcap_ce_fwdgrad import softcap_ce_forward_grad, take_grad_check
 
-__all__ = ["IGNORE_INDEX", "softcap_ce", "softcap_ce_fused", "softcap_ce_ref"]
+__all__ = [
+    "GRAD_ENV",
+    "IGNORE_INDEX",
+    "resolve_grad_strategy",
+    "softcap_ce",
+    "softcap_ce_fused",
+    "softcap_ce_ref",
+    "take_grad_check",
+]
 
 _OP = "softcap_ce"
 # Tiles: 1,024 tokens x 32,768 rows = 128 MiB of float32 logits (the Gemma vocabulary at TP=1
 # is 8 vocab tiles); dW accumulates per vocab tile in float32 (32,768 x d).
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 32768
+GRAD_ENV = "MMCAP_SOFTCAP_CE_GRAD"
+GRAD_STRATEGIES = ("forward", "recompute")
+
+
+def resolve_grad_strategy(strategy: str | None = None) -> str:
+    """``strategy``, else ``MMCAP_SOFTCAP_CE_GRAD``, else "forward"; checked."""
+    value = strategy if strategy is not None else os.environ.get(GRAD_ENV, "") or "forward"
+    if value not in GRAD_STRATEGIES:
+        where = "grad_strategy" if strategy is not None else GRAD_ENV
+        raise ValueError(f"softcap_ce: {where}={value!r}: use forward or recompute")
+    return value
 
 
 def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -165,17 +198,23 @@ def softcap_ce_bwd(
     n_valid: int,
     token_chunk: int,
     vocab_chunk: int,
+    need_dh: bool = True,
+    need_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh like h: this rank's partial, dW like weight) from the global ``lse`` [tokens] and
-    the loss gradient ``grad`` [tokens] (float32, 0 for ignored tokens)."""
+    the loss gradient ``grad`` [tokens] (float32, 0 for ignored tokens). A gradient that is
+    not needed comes back as zeros and costs no matmul (a frozen LM head: no dW GEMM)."""
     n = h.shape[0]
     dh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device)
     dw = torch.zeros_like(weight)  # padding rows keep 0
+    if not (need_dh or need_dw):
+        return dh.to(h.dtype), dw
     ext = load_extension(_OP) if use_kernel(_OP, h, weight) else None
     for v0 in range(0, n_valid, vocab_chunk):
         v1 = min(n_valid, v0 + vocab_chunk)
         wc = weight[v0:v1]
-        dw_acc = torch.zeros(v1 - v0, h.shape[1], dtype=torch.float32, device=h.device)
+        dw_acc = torch.zeros(v1 - v0 if need_dw else 0, h.shape[1], dtype=torch.float32,
+                             device=h.device)  # fmt: skip
         for t0 in range(0, n, token_chunk):
             t1 = min(n, t0 + token_chunk)
             hc, lc = h[t0:t1], labels[t0:t1].contiguous()
@@ -195,14 +234,18 @@ def softcap_ce_bwd(
                 if cap is not None:
                     dz.mul_(1 - (c / cap) ** 2)
                 dz = dz.to(h.dtype)
-            _addmm_f32_(dh[t0:t1], dz, wc)
-            _addmm_f32_(dw_acc, dz.t(), hc)
-        dw[v0:v1] = dw_acc.to(weight.dtype)
+            if need_dh:
+                _addmm_f32_(dh[t0:t1], dz, wc)
+            if need_dw:
+                _addmm_f32_(dw_acc, dz.t(), hc)
+        if need_dw:
+            dw[v0:v1] = dw_acc.to(weight.dtype)
     return dh.to(h.dtype), dw
 
 
 @softcap_ce_bwd.register_fake
-def _(h, weight, labels, lse, grad, cap, vocab_start, n_valid, token_chunk, vocab_chunk):
+def _(h, weight, labels, lse, grad, cap, vocab_start, n_valid, token_chunk, vocab_chunk,
+      need_dh=True, need_dw=True):  # fmt: skip
     return torch.empty_like(h), torch.empty_like(weight)
 
 
@@ -233,8 +276,11 @@ class _SoftcapCE(torch.autograd.Function):
     def backward(ctx, grad):
         h, weight, labels, lse, ignored = ctx.saved_tensors
         g = grad.float().masked_fill(ignored, 0.0).contiguous()
-        dh, dw = torch.ops.mmcap.softcap_ce_bwd(h, weight, labels, lse, g, *ctx.args)
-        return dh, dw, None, None, None, None, None, None, None
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        dh, dw = torch.ops.mmcap.softcap_ce_bwd(h, weight, labels, lse, g, *ctx.args, need_dh,
+                                                need_dw)  # fmt: skip
+        none = (None,) * 7
+        return (dh if need_dh else None), (dw if need_dw else None), *none
 
 
 def softcap_ce_fused(
@@ -246,12 +292,24 @@ def softcap_ce_fused(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
-    token_chunk: int = TOKEN_CHUNK,
+    token_chunk: int | None = None,
     vocab_chunk: int = VOCAB_CHUNK,
+    grad_strategy: str | None = None,
 ) -> torch.Tensor:
-    """The tiled op with recomputing backward (kernel tiles on CUDA when built, torch tiles
-    otherwise). Args as :func:`softcap_ce`."""
+    """The tiled op (kernel tiles on CUDA when built, torch tiles otherwise), gradients by
+    ``grad_strategy`` (:func:`grad_strategy`). Args as :func:`softcap_ce`."""
     vocab_size = vocab_start + weight.shape[0] if vocab_size is None else vocab_size
+    strategy = resolve_grad_strategy(grad_strategy)
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if strategy == "forward" and needs_grad:
+        check_inputs(h, weight, labels, cap, vocab_start, vocab_size, token_chunk or 1,
+                     vocab_chunk)  # fmt: skip
+        return softcap_ce_forward_grad(
+            h.contiguous(), weight, labels.contiguous(), cap=cap, vocab_start=vocab_start,
+            n_valid=_n_valid(vocab_start, vocab_size, weight.shape[0]), tp_group=tp_group,
+            token_chunk=token_chunk,
+        )  # fmt: skip
+    token_chunk = token_chunk or TOKEN_CHUNK
     check_inputs(h, weight, labels, cap, vocab_start, vocab_size, token_chunk, vocab_chunk)
     n_valid = _n_valid(vocab_start, vocab_size, weight.shape[0])
     return _SoftcapCE.apply(
@@ -330,11 +388,13 @@ def softcap_ce(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
-    token_chunk: int = TOKEN_CHUNK,
+    token_chunk: int | None = None,
     vocab_chunk: int = VOCAB_CHUNK,
+    grad_strategy: str | None = None,
 ) -> torch.Tensor:
     """Per-token soft-capped cross-entropy of ``h @ weight^T`` (float32 [tokens], 0 where
-    ignored): the CUDA kernels when usable, else :func:`softcap_ce_ref`.
+    ignored). On CUDA the tiled op (:func:`softcap_ce_fused`: the csrc kernels when built, its
+    torch tiles otherwise); on CPU, or with ``MMCAP_DISABLE_KERNELS=1``, :func:`softcap_ce_ref`.
 
     Args:
         h: [tokens, d] hidden states (every TP rank the same tokens).
@@ -344,14 +404,23 @@ def softcap_ce(
         vocab_start: global id of ``weight[0]`` (TP rank x V_local).
         vocab_size: real vocabulary size; rows at or past it are padding. Default: no padding.
         tp_group: the TP group to all-reduce the statistics over (None: one rank).
-        token_chunk / vocab_chunk: tile size of the chunked computation.
+        token_chunk / vocab_chunk: tile size of the chunked computation (token_chunk None:
+            1,024 for the recomputing backward and the reference, a 256 MiB float32 tile over
+            the vocabulary shard for the forward-gradient strategy).
+        grad_strategy: "forward" (default; gradients computed in the forward, 3 GEMMs; needs
+            the same loss gradient on every non-ignored token, i.e. a sum or mean of the
+            losses: :mod:`mmcap.ops.softcap_ce_fwdgrad`) or "recompute" (the backward
+            recomputes the logits, 4 GEMMs, any gradient, least memory). None: the
+            ``MMCAP_SOFTCAP_CE_GRAD`` environment variable, else "forward".
     """
-    if use_fused_op(_OP, h, weight) and h.dtype == weight.dtype:
+    on_cuda = h.is_cuda and weight.is_cuda and not kernels_disabled()
+    if (on_cuda or use_fused_op(_OP, h, weight)) and h.dtype == weight.dtype:
         return softcap_ce_fused(
             h, weight, labels, cap=cap, vocab_start=vocab_start, vocab_size=vocab_size,
             tp_group=tp_group, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+            grad_strategy=grad_strategy,
         )  # fmt: skip
     return softcap_ce_ref(
         h, weight, labels, cap=cap, vocab_start=vocab_start, vocab_size=vocab_size,
-        tp_group=tp_group, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+        tp_group=tp_group, token_chunk=token_chunk or TOKEN_CHUNK, vocab_chunk=vocab_chunk,
     )  # fmt: skip

@@ -39,7 +39,8 @@ from mmcap.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConf
 from mmcap.config.parallel import validate_layout
 from mmcap.model.stage_io import packed_rows
 from mmcap.model.pipeline import decoder_layer_range
-from mmcap.ops.softcap_ce import TOKEN_CHUNK, VOCAB_CHUNK
+from mmcap.ops.softcap_ce import VOCAB_CHUNK
+from mmcap.ops.softcap_ce_fwdgrad import forward_grad_token_chunk
 from mmcap.train.activations import (
     ACT,
     MicroBatchShape,
@@ -215,14 +216,22 @@ def estimate_memory(
     enc_layer, dec_layer = encoder_layer(recompute), decoder_layer(recompute)
     # Full recompute rebuilds one layer at a time in backward.
     working = max(encoder_layer(None), decoder_layer(None)) if recompute == "full" else 0.0
-    # Fused LM head + soft-capped CE (mmcap.ops.softcap_ce): saves its input hidden states
-    # (the whole sequence on every TP rank: sequence parallelism gathers them), int64 labels,
-    # fp32 lse and the ignore mask, no logits; works on one fp32 logits tile at a time
-    # (token_chunk x vocab_chunk) plus fp32 dh [tokens, h] and a dW tile in backward.
+    # Fused LM head + soft-capped CE (mmcap.ops.softcap_ce), the default forward-gradient
+    # strategy: saves fp32 dh [tokens, h] (the whole sequence on every TP rank: sequence
+    # parallelism gathers it) and fp32 dW [V_local, h] (the tied head always trains) and the
+    # ignore mask, no logits, no inputs; works on one fp32 logits tile of a token chunk over the
+    # shard plus its dlogits; backward casts dW into the weight's dtype in 32,768-row blocks.
+    # (MMCAP_SOFTCAP_CE_GRAD=recompute saves h, labels, lse and the mask instead.)
     tokens = sh.s * m
-    head_saved = tokens * (ACT * dec.hidden_size + 8 + 4 + 1)
-    tile_t, tile_v = min(tokens, TOKEN_CHUNK), min(dec.padded_vocab_size(tp) // tp, VOCAB_CHUNK)
-    head_tile = 4 * (2 * tile_t * tile_v + tokens * dec.hidden_size + tile_v * dec.hidden_size)
+    v_local = dec.padded_vocab_size(tp) // tp
+    n_valid = min(v_local, dec.vocab_size)  # rank 0's real rows (the largest)
+    head_saved = tokens * (4 * dec.hidden_size + 1) + 4 * n_valid * dec.hidden_size
+    tile_t = min(tokens, forward_grad_token_chunk(n_valid))
+    head_tile = max(
+        tile_t * n_valid * (4 + ACT) + 4 * tile_t * dec.hidden_size,  # forward, per chunk
+        v_local * dec.hidden_size * DTYPE_BYTES[params_dtype]  # backward: dW out
+        + 4 * min(n_valid, VOCAB_CHUNK) * dec.hidden_size + ACT * tokens * dec.hidden_size,
+    )
     k_rows = packed_rows(sh.se, enc.hidden_size, dec.hidden_size)
     packed = ACT * (sh.s / (tp if sh.sp else 1) + k_rows) * m * dec.hidden_size
     wbytes = DTYPE_BYTES[params_dtype]

@@ -189,6 +189,10 @@ def train_step(
     # The global loss (and per-key sums, and the loop's batch counts / flags) on EVERY rank, so
     # all ranks agree on skipping: one all-reduce, one device->host copy (step_stats).
     stats = reduce_step_stats(losses, host_stats, current_device())
+    if stats.loss_grad_mismatch:  # before the optimizer: no update from a wrong dW
+        from mmcap.ops.softcap_ce_fwdgrad import GRAD_CHECK_MESSAGE
+
+        raise RuntimeError(GRAD_CHECK_MESSAGE)
     result = StepResult(
         loss=stats.loss, key_loss=stats.key_loss, tokens=stats.tokens, lr=lr, stats=stats
     )

@@ -8,7 +8,7 @@ all-reduces it ONCE over the world and reads it with ONE ``tolist()`` (on CUDA t
 host sync of mmcap's own; megatron-core's optimizer has its own found-inf / grad-norm reads).
 
 Layout (:func:`layout`): ``[loss sum, target tokens, (loss sum, tokens) per key x K,
-batch counts x 7, decode failures, signalled]``. Each rank contributes only what it owns, so
+batch counts x 7, decode failures, signalled, loss-gradient check]``. Each rank contributes only what it owns, so
 one SUM over the world gives what separate reductions over the DP, PP and world groups gave:
 
 - loss and per-key sums: the last pipeline stage's TP rank 0 of each replica (other stages
@@ -17,6 +17,9 @@ one SUM over the world gives what separate reductions over the DP, PP and world 
   the same one rank per replica -> the sum over DP;
 - decode failures: every rank (first-stage ranks decode, each TP rank of a replica the same
   batch), divided by TP after the sum; signalled: every rank (> 0 = any);
+- loss-gradient check: the device flag of the fused LM-head loss's forward-gradient strategy
+  (:func:`mmcap.ops.softcap_ce.take_grad_check`: a per-token loss gradient that was not the
+  same on every non-ignored token), every rank (> 0 = any);
 - elapsed minutes: MAX, so it takes a second all-reduce (only with ``exit_duration_minutes``),
   read with the same copy.
 """
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from mmcap.data.prompts import ALL_KEYS
+from mmcap.ops.softcap_ce import take_grad_check
 
 NUM_COUNTS = 7  # StepCounter: samples, images, FLOPs, enc tokens, enc slots, dec tokens, dec slots
 
@@ -68,6 +72,7 @@ class StepStats:
     decode_failures: int = 0
     signalled: bool = False
     elapsed_minutes: float | None = None
+    loss_grad_mismatch: bool = False  # see mmcap.ops.softcap_ce_fwdgrad
 
 
 def layout() -> dict[str, slice]:
@@ -76,7 +81,7 @@ def layout() -> dict[str, slice]:
         "loss": slice(0, 2),
         "key": slice(2, k),
         "counts": slice(k, k + NUM_COUNTS),
-        "flags": slice(k + NUM_COUNTS, k + NUM_COUNTS + 2),
+        "flags": slice(k + NUM_COUNTS, k + NUM_COUNTS + 3),
     }
 
 
@@ -124,12 +129,17 @@ def reduce_step_stats(
         loss_part = torch.cat([lm, key])
     else:
         loss_part = torch.zeros(k, dtype=torch.float64, device=device)  # no loss on this rank
-    host_part = torch.zeros(NUM_COUNTS + 2, dtype=torch.float64)
+    host_part = torch.zeros(NUM_COUNTS + 3, dtype=torch.float64)
     if owner and host.counts is not None:
         host_part[:NUM_COUNTS] = host.counts
     signalled = host.signalled() if callable(host.signalled) else host.signalled
-    host_part[NUM_COUNTS:] = torch.tensor([float(host.decode_failures), float(signalled)])
+    host_part[NUM_COUNTS : NUM_COUNTS + 2] = torch.tensor(
+        [float(host.decode_failures), float(signalled)]
+    )
     stats = torch.cat([loss_part, _to_device(host_part, device)])
+    grad_check = take_grad_check(device)  # a device flag, or None: no read here
+    if grad_check is not None:
+        stats[-1] += grad_check.to(stats.dtype)
     elapsed = None
     if host.start_time is not None:
         minutes = torch.tensor([(time.time() - host.start_time) / 60.0], dtype=torch.float64)
@@ -147,7 +157,7 @@ def _unpack(v: list[float], at: dict[str, slice], tp: int, has_elapsed: bool) ->
     loss_sum, tokens = v[at["loss"]]
     per_key = v[at["key"]]
     samples, images, flops, enc, enc_slots, dec, dec_slots = v[at["counts"]]
-    failures, signalled = v[at["flags"]]
+    failures, signalled, grad_mismatch = v[at["flags"]]
     return StepStats(
         loss=loss_sum / tokens if tokens else float("nan"),
         tokens=int(tokens),
@@ -162,5 +172,6 @@ def _unpack(v: list[float], at: dict[str, slice], tp: int, has_elapsed: bool) ->
         useful=(enc / max(enc_slots, 1.0), dec / max(dec_slots, 1.0)),
         decode_failures=int(failures) // tp,
         signalled=signalled > 0,
+        loss_grad_mismatch=grad_mismatch > 0,
         elapsed_minutes=v[-1] if has_elapsed else None,
     )

@@ -118,10 +118,11 @@ def test_training_step_stays_within_the_sync_budget(world1, world4, dataset, tmp
         assert mine <= SYNC_BUDGET, f"rank {rank}: {mine} host syncs of mmcap's own\n{table}"
 
 
-def _reduce(layout: dict, seed: int):
+def _reduce(layout: dict, seed: int, flag_rank: int | None = None):
     """reduce_step_stats on this rank of a layout, with values that differ per replica / rank,
     and the expected values from the rules of the former reductions (computed the same on
-    every rank from the rank grid)."""
+    every rank from the rank grid). ``flag_rank``: that rank holds a softcap_ce gradient-check
+    flag (as the forward-gradient strategy's backward leaves it on CUDA)."""
     from megatron.core import parallel_state as ps
 
     from mmcap.config import ParallelConfig
@@ -158,6 +159,10 @@ def _reduce(layout: dict, seed: int):
             signalled=torch.distributed.get_rank() == world - 2,
             start_time=time.time() - 60.0 * (1 + torch.distributed.get_rank()),
         )
+        if torch.distributed.get_rank() == flag_rank:
+            from mmcap.ops import softcap_ce_fwdgrad
+
+            softcap_ce_fwdgrad._PENDING[torch.device("cpu")] = torch.tensor(True)
         got = reduce_step_stats(replica_losses(dp) if last else [], host, torch.device("cpu"))
         def replica_sum(d, name):  # as before: float32 over micro-batches, then float64
             return torch.stack([x[name] for x in replica_losses(d)]).sum(0).double()
@@ -177,6 +182,7 @@ def _reduce(layout: dict, seed: int):
             "useful": (c[3] / c[4], c[5] / c[6]),
             "decode_failures": sum(d + 1 for d in range(dp_size)),
             "signalled": True,
+            "loss_grad_mismatch": flag_rank is not None,
         }
         assert tp_size * dp_size * ps.get_pipeline_model_parallel_world_size() == world
         return dataclasses.asdict(got), want, tp
@@ -376,3 +382,48 @@ def test_batch_source_copies_micro_batches_to_the_device(
                 assert (g.shape, g.dtype) == (w.shape, w.dtype), name
             else:
                 assert g == w, name
+
+
+def test_loss_gradient_check_reaches_every_rank(world4):
+    """A non-uniform-gradient flag held on one rank (softcap_ce's forward-gradient strategy)
+    travels in the step's one reduction: every rank sees it; it is consumed."""
+    for flag_rank in (1, None):
+        for got, want, _ in world4.run(_reduce, {"pipeline_parallel": 2}, 3, flag_rank):
+            got.pop("elapsed_minutes")
+            assert got == want and got["loss_grad_mismatch"] == (flag_rank is not None)
+
+
+def test_train_step_stops_before_the_update_on_a_flagged_gradient(monkeypatch):
+    """The flag stops the step with the op's message before the optimizer can apply a wrong
+    LM-head gradient."""
+    from types import SimpleNamespace
+
+    import mmcap.train.step as step
+    from mmcap.train.step_stats import StepStats
+
+    def stats(flag):
+        return StepStats(loss=1.0, tokens=4, key_loss={}, loss_grad_mismatch=flag)
+
+    class Optimizer:
+        param_groups = [{"lr": 1e-3}]
+        stepped = 0
+
+        def zero_grad(self):
+            pass
+
+        def step(self):
+            self.stepped += 1
+            return True, 1.0, None
+
+    chunk = SimpleNamespace(zero_grad_buffer=lambda: None)
+    monkeypatch.setattr(step, "run_schedule", lambda *a, **k: [])
+    monkeypatch.setattr(step, "current_device", lambda: torch.device("cpu"))
+    for flag in (False, True):
+        monkeypatch.setattr(step, "reduce_step_stats", lambda *a, flag=flag: stats(flag))
+        opt = Optimizer()
+        if flag:
+            with pytest.raises(RuntimeError, match="MMCAP_SOFTCAP_CE_GRAD=recompute"):
+                step.train_step([chunk], opt, [object()], encoder_hidden=8)
+        else:
+            step.train_step([chunk], opt, [object()], encoder_hidden=8)
+        assert opt.stepped == (0 if flag else 1)
