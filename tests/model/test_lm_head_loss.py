@@ -32,7 +32,25 @@ def _unfused_head_loss(self, hidden, labels, weight):
     return loss.masked_fill(ignore, 0.0)
 
 
-def _case(tp: int, sp: bool, cap):
+def _case(tp: int, sp: bool, cap, strategy: str | None = None):
+    """``strategy``: None = the CPU dispatch (softcap_ce_ref); "forward" / "recompute" = the
+    tiled op's autograd path with that gradient strategy (what CUDA runs)."""
+    import os
+
+    env = {"MMCAP_FUSED_OPS_ON_CPU": "1", "MMCAP_SOFTCAP_CE_GRAD": strategy} if strategy else {}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _run_case(tp, sp, cap)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def _run_case(tp: int, sp: bool, cap):
     from mmcap.model.build import build_gemma2_decoder
     from mmcap.model.decoder_base import IGNORE_INDEX
     from mmcap.parallel import initialize_model_parallel
@@ -83,3 +101,18 @@ def test_fused_head_loss_equals_unfused(workers, tp, sp, cap):
         for name, gr in want_grads.items():
             assert (grads[name] - gr).abs().max().item() <= 1e-5, name
         assert want_grads["embedding.word_embeddings.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("strategy", ["forward", "recompute"])
+@pytest.mark.parametrize("tp,sp", [(2, False), (2, True)])
+def test_tiled_op_path_equals_unfused(workers, tp, sp, strategy):
+    """The path CUDA takes (the tiled op, each gradient strategy) inside the decoder, under
+    TP and sequence parallelism: same loss and gradients as the unfused head."""
+    for result in workers.run(_case, tp, sp, 30.0, strategy):
+        (loss, grads, enc_grad), (want_loss, want_grads, want_enc) = (
+            result["fused"], result["unfused"]
+        )  # fmt: skip
+        assert (loss - want_loss).abs().max().item() <= 1e-5
+        assert (enc_grad - want_enc).abs().max().item() <= 1e-5
+        for name, gr in want_grads.items():
+            assert (grads[name] - gr).abs().max().item() <= 1e-5, name
