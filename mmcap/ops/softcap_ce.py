@@ -405,7 +405,7 @@ def softcap_ce(
         vocab_size: real vocabulary size; rows at or past it are padding. Default: no padding.
         tp_group: the TP group to all-reduce the statistics over (None: one rank).
         token_chunk / vocab_chunk: tile size of the chunked computation (token_chunk None:
-            1,024 for the recomputing backward and the reference, a 256 MiB float32 tile over
+            1,024 for the recomputing backward and the reference, a 1 GiB float32 tile over
             the vocabulary shard for the forward-gradient strategy).
         grad_strategy: "forward" (default; gradients computed in the forward, 3 GEMMs; needs
             the same loss gradient on every non-ignored token, i.e. a sum or mean of the

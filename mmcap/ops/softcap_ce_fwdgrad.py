@@ -22,7 +22,8 @@ recomputing backward, exact for any ``g``.
 
 Memory (Gemma-2 2B at TP=1, 256,000 x 2,304): the float32 ``dW`` held from forward to
 backward is 2.25 GiB (the recomputing backward holds a 288 MiB float32 ``dW`` tile, in
-backward only), plus a 256 MiB logits tile; both far below the unfused path's logits.
+backward only), plus a 1 GiB logits tile and its 0.5 GiB bf16 dlogits (:data:`TILE_BYTES`);
+about 4 GiB in all against the unfused path's 27 GiB.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from mmcap.ops.kernels import load_extension, use_kernel
 __all__ = ["TILE_BYTES", "forward_grad_token_chunk", "softcap_ce_forward_grad", "take_grad_check"]
 
 _OP = "softcap_ce"
-# The float32 logits tile of one token chunk over the whole vocabulary shard: 256 MiB (256
-# tokens x 256,000 rows at TP=1); dlogits for 16-bit inputs take half as much again.
-TILE_BYTES = 256 * 2**20
+# The float32 logits tile of one token chunk over the whole vocabulary shard: 1 GiB (1,024
+# tokens x 256,000 rows at TP=1); dlogits for 16-bit inputs take half as much again. Smaller
+# chunks cost memory traffic: every chunk's dW GEMM reads and writes the whole float32 dW
+# (2 x 2.36 GB at 256,000 x 2,304), 8 times for 8,192 tokens in chunks of 1,024 (38 GB, ~8 ms
+# at 4.8 TB/s), 32 times in chunks of 256 (~31 ms, as much as the three GEMMs' ~40 ms).
+TILE_BYTES = 2**30
 
 
 def forward_grad_token_chunk(n_valid: int, tile_bytes: int = TILE_BYTES) -> int:

@@ -288,9 +288,9 @@ def test_strategy_switch(monkeypatch):
         softcap_ce_fused(h, w, labels, cap=30.0)
     with pytest.raises(ValueError, match="grad_strategy='x'"):
         softcap_ce_fused(h, w, labels, cap=30.0, grad_strategy="x")
-    # the default tile: 256 MiB of float32 logits over the shard, a power of two of tokens
-    assert forward_grad_token_chunk(256000) == 256 and forward_grad_token_chunk(64000) == 1024
-    assert forward_grad_token_chunk(45) == 1 << 20 and forward_grad_token_chunk(10**9) == 16
+    # the default tile: 1 GiB of float32 logits over the shard, a power of two of tokens
+    assert forward_grad_token_chunk(256000) == 1024 and forward_grad_token_chunk(64000) == 4096
+    assert forward_grad_token_chunk(45) == 1 << 22 and forward_grad_token_chunk(10**9) == 16
 
 
 # --- vocab-parallel on gloo -------------------------------------------------------------------
