@@ -44,6 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile the transformer layers (compile.enable; default backend inductor); "
+        "compilation happens in the warmup steps",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: by GPU name)")
     p.add_argument(
         "--compare",
@@ -166,6 +175,7 @@ def main(argv=None) -> int:
             precision=args.precision,
             transformer_impl=args.transformer_impl,
             fp8=args.fp8,
+            compile=args.compile,
             steps=args.steps,
             warmup=args.warmup,
             recompute=args.recompute,

@@ -46,6 +46,8 @@ class BenchConfig:
         precision: "bf16", "fp16" or "fp32".
         transformer_impl / fp8: ``PrecisionConfig.transformer_impl`` ("auto", "local",
             "transformer_engine") and ``PrecisionConfig.fp8`` (None, "hybrid", "e4m3").
+        compile: None, or the torch.compile backend of the transformer layers
+            (``compile.enable``; :mod:`mmcap.model.compile`).
         steps / warmup: timed steps, and untimed steps before them.
         recompute: activation recompute (None, "selective", "full").
         peak_tflops: peak TFLOP/s per device for MFU (None = from the CUDA device name).
@@ -70,6 +72,7 @@ class BenchConfig:
     precision: str = "bf16"
     transformer_impl: str = "auto"
     fp8: str | None = None
+    compile: str | None = None
     steps: int = 5
     warmup: int = 2
     recompute: str | None = None
@@ -107,6 +110,7 @@ class BenchConfig:
 def build_bench_train_config(b: BenchConfig, dp: int):
     """The :class:`mmcap.train.config.TrainConfig` the trainer would run for this benchmark
     (its ``model_config()``, ``optimizer_config`` and scheduler are the trainer's)."""
+    from mmcap.model.compile import CompileConfig
     from mmcap.train.config import TrainConfig
 
     model = {"vision": {"image_size": b.image_size}} if b.image_size is not None else {}
@@ -120,6 +124,7 @@ def build_bench_train_config(b: BenchConfig, dp: int):
         micro_batch_size=b.micro_batch_size,
         recompute=b.recompute,
         seed=b.seed,
+        compile=CompileConfig(enable=b.compile is not None, backend=b.compile or "inductor"),
     )
     cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=0, decay_style="constant")
     if b.packing:
@@ -231,6 +236,10 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     device = current_device()
 
     chunks = build_model_chunks(model_cfg, cfg.parallel, cfg.precision, recompute=cfg.recompute)
+    if cfg.compile.enable:  # as the trainer (mmcap.train.builder); compiles in the warmup
+        from mmcap.model.compile import compile_layers
+
+        compile_layers(chunks, backend=cfg.compile.backend)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
     optimizer = build_optimizer(ddp, optimizer_config(cfg))
     scheduler = build_scheduler(cfg, optimizer)
@@ -305,7 +314,8 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     useful = [None] * world
     dist.all_gather_object(useful, data.useful)
     result.update(
-        impl="mmcap" if b.fp8 is None else f"mmcap fp8-{b.fp8}",
+        impl="mmcap" + ("" if b.fp8 is None else f" fp8-{b.fp8}")
+        + ("" if b.compile is None else f" compiled-{b.compile}"),
         transformer_impl=resolve_transformer_impl(cfg.precision),
         layout={"tp": b.tp, "pp": b.pp, "dp": dp, "world_size": world},
         num_microbatches=len(mbs),

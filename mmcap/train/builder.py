@@ -137,6 +137,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if load is not None:
         log.info("initial weights from %s", load)
         load_model_checkpoint(chunks, load)
+    if cfg.compile.enable:
+        from mmcap.model.compile import compile_layers
+
+        n = compile_layers(chunks, backend=cfg.compile.backend)
+        log.info("torch.compile (%s): %d transformer layers", cfg.compile.backend, n)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
     optimizer = build_optimizer(ddp, optimizer_config(cfg), cfg.optim.weight_decay_rule)
     scheduler = build_scheduler(cfg, optimizer)

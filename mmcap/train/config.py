@@ -27,6 +27,7 @@ from mmcap.config import (
 from mmcap.config.presets import get_preset
 from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
 from mmcap.data.config import BatchConfig, ImageConfig, SamplerConfig
+from mmcap.model.compile import CompileConfig
 from mmcap.model.te import resolve_transformer_impl
 from mmcap.train.optim_config import OptimConfig
 
@@ -252,6 +253,7 @@ class TrainConfig:
             (Megatron-LM ``--exit-interval``; e.g. to split a run into scheduled jobs).
         exit_duration_minutes: checkpoint and exit once the run has lasted this long.
         seed: model init, dropout, data order.
+        compile: ``torch.compile`` of the transformer layers (:mod:`mmcap.model.compile`).
     """
 
     preset: str = "debug-gemma"
@@ -263,6 +265,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     train_steps: int = 1000
     global_batch_size: int = 1024
     micro_batch_size: int = 8

@@ -149,16 +149,16 @@ def test_opcheck_custom_ops():
     stats = softcap_ce_fwd(h, w, labels, 30.0, 0, 45, 8, 16)
     lse = stats[0] + torch.log(stats[1])
     torch.library.opcheck(softcap_ce_bwd, (h, w, labels, lse, grad.float(), 30.0, 0, 45, 8, 16))
-    torch.library.opcheck(softcap_ce_bwd,
-                          (h, w, labels, lse, grad.float(), 30.0, 0, 45, 8, 16, True, False))  # fmt: skip
+    no_dw = (h, w, labels, lse, grad.float(), 30.0, 0, 45, 8, 16, True, False)
+    torch.library.opcheck(softcap_ce_bwd, no_dw)
     torch.library.opcheck(softcap_ce_chunk_logits, (h, w, labels, 30.0, 0, 45))
     torch.library.opcheck(softcap_ce_chunk_logits, (h, w, labels, None, 5, 40))
     z, stats = softcap_ce_chunk_logits(h, w, labels, 30.0, 0, 45)
     lse = stats[0] + torch.log(stats[1])
     dw = torch.zeros(45, h.shape[1])
     torch.library.opcheck(softcap_ce_chunk_grads, (z.clone(), h, w, labels, lse, 30.0, 0, True, dw))
-    torch.library.opcheck(softcap_ce_chunk_grads,
-                          (z.clone(), h, w, labels, lse, None, 0, False, torch.zeros(0, 16)))  # fmt: skip
+    no_grads = (z.clone(), h, w, labels, lse, None, 0, False, torch.zeros(0, 16))
+    torch.library.opcheck(softcap_ce_chunk_grads, no_grads)
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "forward"])

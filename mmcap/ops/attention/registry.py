@@ -105,6 +105,8 @@ def _usable(backend: AttentionBackend, q, k, v, features: dict) -> tuple[bool, s
 
 
 def _log_once(name: str, reason: str) -> None:
+    if torch.compiler.is_compiling():  # a logger call would break the graph (logged eagerly)
+        return
     if (name, reason) not in _logged_choices:
         _logged_choices.add((name, reason))
         logger.info("attention back-end: %s (%s)", name, reason)
