@@ -127,3 +127,27 @@ def test_config_and_refusals(single_rank_parallel_state, monkeypatch):
     monkeypatch.setattr(layer.config, "transformer_impl", "transformer_engine")
     with pytest.raises(ConfigError, match="compile.enable"):
         compile_layers([model], backend="eager")
+
+
+def test_flex_attention_stays_its_own_compiled_call(single_rank_parallel_state, dynamo_counters,
+                                                    monkeypatch):  # fmt: skip
+    """With flex attention (CUDA's back-end for Gemma's soft-capped attention; forced here, and
+    forward only: flex has no CPU backward) a compiled layer breaks its graph exactly around the
+    flex call, which runs through the standalone compiled flex_attention; results unchanged."""
+    from mmcap.model.compile import compile_layers
+
+    monkeypatch.setenv("MMCAP_ATTN_BACKEND", "flex")
+    cfg = _cfg("debug-gemma")
+    eager, compiled = _pair(cfg)
+    compile_layers([compiled], backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    size = cfg.vision.image_size
+    for t in (8, 16):
+        ids = torch.randint(3, 900, (B, P), generator=g)
+        args = (ids, torch.randint(3, 900, (B, t), generator=g))
+        kw = {"pixel_values": torch.randn(B, 3, size, size, generator=g),
+              "labels": torch.randint(3, 900, (B, t), generator=g)}  # fmt: skip
+        with torch.no_grad():
+            assert torch.equal(compiled(*args, **kw), eager(*args, **kw))
+    breaks = dynamo_counters["graph_break"]
+    assert breaks and all("flex_forward" in reason for reason in breaks), list(breaks)

@@ -207,6 +207,12 @@ def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
 
 
+# Under ``compile.enable`` (mmcap.model.compile) the layer's graph breaks around this call:
+# the attention runs through the one standalone compiled flex_attention (static bucket shapes,
+# memoised block masks) that the eager path uses, not inlined into the layer's graph with its
+# block masks rebuilt per layer and dynamic lengths (inductor's CPU flex lowering fails there in
+# torch 2.13; the standalone path is the one measured on an H200).
+@torch.compiler.disable
 def flex_forward(
     q: torch.Tensor,
     k: torch.Tensor,
