@@ -4,10 +4,11 @@
 # `make gpu-wheels`), build csrc/ if it holds extensions, run the gpu-marked tests, then the
 # training benchmark (florence-gemma-2-large, 224 px, 128/128 tokens, mmcap vs --compare hf;
 # florence-gemma-2-xlarge on one GPU), the attention back-ends (Gemma-2 2B / 9B shapes) and the
-# image-decode benchmark; with MMCAP_GPU_CHECK_PACKING=1 also padded vs packed training.
+# image-decode benchmark; with MMCAP_GPU_CHECK_PACKING=1 also padded vs packed training, with
+# MMCAP_GPU_CHECK_COMPILE=1 also the large model with compiled layers.
 # Every table and JSON goes to the output folder; each stage has a time limit: together at
 # most 8 minutes, plus up to 2 minutes for a csrc/ build when it has sources (the optional
-# XLARGE / PACKING stages add theirs).
+# XLARGE / PACKING / COMPILE stages add theirs).
 #
 #   tools/gpu_check.sh [--dry-run] [--out DIR]      (DIR defaults to $OUT, else gpu_check_out)
 #
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) shift; OUT_DIR="${1:?--out needs a folder}" ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (use --dry-run, --out DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -93,6 +94,15 @@ run train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-
 if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
   run train-xlarge 240 "${BENCH[@]}" --preset florence-gemma-2-xlarge --micro-batch-size 8 \
     --num-microbatches 2 --json "$OUT_DIR/train_xlarge.json"
+fi
+
+# 4. (compile) The same model with its transformer layers compiled (compile.enable, inductor):
+#    compilation happens in the 3 warmup steps. Only with MMCAP_GPU_CHECK_COMPILE=1 (its
+#    compile time does not fit the 8 minutes; e.g. a second call).
+if [ "${MMCAP_GPU_CHECK_COMPILE:-0}" = 1 ]; then
+  run train-large-compiled 180 "${BENCH[@]}" --preset florence-gemma-2-large \
+    --micro-batch-size 16 --num-microbatches 2 --compile --warmup 3 \
+    --json "$OUT_DIR/train_large_compiled.json"
 fi
 
 # 4a. Transformer Engine (only where it is installed: it cannot be built on a bare machine in

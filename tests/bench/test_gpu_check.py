@@ -40,6 +40,12 @@ def test_dry_run_lists_every_stage(tmp_path):
         ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, check=True, env=env
     )
     assert "(train-xlarge," in res.stdout and "(attention-9b," in res.stdout
+    env = dict(os.environ, MMCAP_GPU_CHECK_COMPILE="1")
+    res_c = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, check=True, env=env
+    )
+    compiled = next(line for line in res_c.stdout.splitlines() if "(train-large-compiled," in line)
+    assert "--compile" in compiled and "florence-gemma-2-large" in compiled
     gpu = next(line for line in lines if "(gpu-tests," in line)
     assert "-m gpu" in gpu and "tests/ops/test_attention.py" in gpu  # files with the marker
     assert "tests/bench/" not in gpu
