@@ -464,3 +464,18 @@ def test_packing_resume_is_bit_identical(dataset, tmp_path, world2):
     want, got = _losses(ref), _losses(run)
     assert sorted(got) == [3, 4]
     assert got == {3: want[3], 4: want[4]}
+
+
+def test_compiled_layers_train_like_eager(dataset, tmp_path, world1):
+    """compile.enable through the trainer (aot_eager: the tracing, eager kernels): the same
+    losses as the eager run, step after step."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    on = ["compile.enable=true", "compile.backend=aot_eager"]
+    for save, extra in ((eager, []), (compiled, on)):
+        rc, out = _train1(world1, _args(dataset, save, 3, *NO_DROPOUT, *extra))
+        assert rc == 0, out
+    assert "torch.compile (aot_eager): 6 transformer layers" in out
+    a, b = _metrics(eager), _metrics(compiled)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, (step, a[step], b[step])
