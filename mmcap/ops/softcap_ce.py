@@ -37,12 +37,12 @@ tiles (the reference would keep every logits tile for autograd).
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
+from mmcap.ops.f32_matmul import addmm_f32_, mm_f32
 from mmcap.ops.kernels import kernels_disabled, load_extension, use_fused_op, use_kernel
 from mmcap.ops.softcap_ce_fwdgrad import softcap_ce_forward_grad, take_grad_check
 
@@ -81,43 +81,6 @@ def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
 def _n_valid(vocab_start: int, vocab_size: int, local_rows: int) -> int:
     """Rows of this shard that are real vocabulary (the rest is TP padding)."""
     return max(0, min(local_rows, vocab_size - vocab_start))
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with float32 output and accumulation (cuBLAS mm.dtype for 16-bit on CUDA)."""
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return a.float() @ b.float()
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-# cuBLAS's addmm with a float32 ``out_dtype`` accumulates 16-bit products straight into the
-# float32 accumulator (C = A.B + C): no float32 temporary per tile to allocate, write, re-read
-# and add (for dW: 64 tiles of 302 MB, ~40 GB of traffic at 8,192 x 256,000 x 2,304). Decided on
-# first use: a torch without that CUDA overload falls back to the temporary.
-_ADDMM_OUT_DTYPE: bool | None = None
-
-
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in place, ``acc`` float32 (a contiguous block), float32 accumulation."""
-    global _ADDMM_OUT_DTYPE
-    if a.dtype == torch.float32 or not a.is_cuda:
-        acc.addmm_(a.float(), b.float())
-        return
-    if _ADDMM_OUT_DTYPE is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_OUT_DTYPE = True
-            return
-        except (RuntimeError, NotImplementedError, TypeError) as e:
-            if _ADDMM_OUT_DTYPE:  # it worked before: a real error
-                raise
-            _ADDMM_OUT_DTYPE = False
-            warnings.warn(
-                f"softcap_ce: torch.addmm(out_dtype=float32) unavailable on CUDA ({e}); the "
-                "backward adds a float32 temporary per tile instead (slower)",
-                stacklevel=2,
-            )
-    acc += torch.mm(a, b, out_dtype=torch.float32)
 
 
 def check_inputs(h, weight, labels, cap, vocab_start, vocab_size, token_chunk, vocab_chunk):
@@ -163,7 +126,7 @@ def softcap_ce_fwd(
         hc, lc = h[t0:t1], labels[t0:t1].contiguous()
         for v0 in range(0, n_valid, vocab_chunk):
             v1 = min(n_valid, v0 + vocab_chunk)
-            z = _mm_f32(hc, weight[v0:v1].t())  # [tc, vc] float32: the one live tile
+            z = mm_f32(hc, weight[v0:v1].t())  # [tc, vc] float32: the one live tile
             if ext is not None:
                 ext.tile_stats(z, lc, m[t0:t1], s[t0:t1], tgt[t0:t1], vocab_start + v0,
                                cap or 0.0)  # fmt: skip
@@ -218,7 +181,7 @@ def softcap_ce_bwd(
         for t0 in range(0, n, token_chunk):
             t1 = min(n, t0 + token_chunk)
             hc, lc = h[t0:t1], labels[t0:t1].contiguous()
-            z = _mm_f32(hc, wc.t())  # recomputed tile logits, float32
+            z = mm_f32(hc, wc.t())  # recomputed tile logits, float32
             if ext is not None:
                 # float32 inputs: dlogits overwrite z in place; 16-bit: written as h's dtype
                 # for the 16-bit cuBLAS matmuls below (accumulating in float32).
@@ -235,9 +198,9 @@ def softcap_ce_bwd(
                     dz.mul_(1 - (c / cap) ** 2)
                 dz = dz.to(h.dtype)
             if need_dh:
-                _addmm_f32_(dh[t0:t1], dz, wc)
+                addmm_f32_(dh[t0:t1], dz, wc)
             if need_dw:
-                _addmm_f32_(dw_acc, dz.t(), hc)
+                addmm_f32_(dw_acc, dz.t(), hc)
         if need_dw:
             dw[v0:v1] = dw_acc.to(weight.dtype)
     return dh.to(h.dtype), dw
@@ -297,7 +260,7 @@ def softcap_ce_fused(
     grad_strategy: str | None = None,
 ) -> torch.Tensor:
     """The tiled op (kernel tiles on CUDA when built, torch tiles otherwise), gradients by
-    ``grad_strategy`` (:func:`grad_strategy`). Args as :func:`softcap_ce`."""
+    ``grad_strategy`` (see :func:`softcap_ce`). Args as :func:`softcap_ce`."""
     vocab_size = vocab_start + weight.shape[0] if vocab_size is None else vocab_size
     strategy = resolve_grad_strategy(grad_strategy)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
+from mmcap.ops.f32_matmul import addmm_f32_, mm_f32
 from mmcap.ops.kernels import load_extension, use_kernel
 
 __all__ = ["TILE_BYTES", "forward_grad_token_chunk", "softcap_ce_forward_grad", "take_grad_check"]
@@ -56,18 +57,6 @@ def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return a.float() @ b.float()
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    from mmcap.ops.softcap_ce import _addmm_f32_ as addmm  # (one implementation, with fallback)
-
-    addmm(acc, a, b)
-
-
 # --- this rank's tiles: custom ops ------------------------------------------------------------
 @torch.library.custom_op("mmcap::softcap_ce_chunk_logits", mutates_args=())
 def softcap_ce_chunk_logits(
@@ -81,7 +70,7 @@ def softcap_ce_chunk_logits(
     """(float32 logits [tokens, n_valid] of ``h`` over the shard's first ``n_valid`` rows,
     uncapped; float32 [3, tokens] statistics as ``softcap_ce_fwd``'s)."""
     n = h.shape[0]
-    z = _mm_f32(h, weight[:n_valid].t())
+    z = mm_f32(h, weight[:n_valid].t())
     stats = torch.zeros(3, n, dtype=torch.float32, device=h.device)
     m, s, tgt = stats[0], stats[1], stats[2]
     m.fill_(float("-inf"))
@@ -142,10 +131,10 @@ def softcap_ce_chunk_grads(
             dz.mul_(1 - (c / cap) ** 2)
         dz = dz.to(h.dtype)
     if dw.shape[0]:
-        _addmm_f32_(dw, dz.t(), h)
+        addmm_f32_(dw, dz.t(), h)
     if not need_dh:
         return h.new_zeros(0, d, dtype=torch.float32)
-    return _mm_f32(dz, weight[:n_valid])
+    return mm_f32(dz, weight[:n_valid])
 
 
 @softcap_ce_chunk_grads.register_fake

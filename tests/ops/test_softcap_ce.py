@@ -249,19 +249,21 @@ def test_frozen_inputs_skip_their_gemms(monkeypatch, strategy):
     """A frozen LM head gets no gradient and costs no dW matmul (dz^T @ h); without autograd
     only the forward statistics run (no gradient matmul at all)."""
     import mmcap.ops.softcap_ce as mod
+    import mmcap.ops.softcap_ce_fwdgrad as fwd
 
     h, w, labels, grad = _problem(dtype=torch.float32)
     grad = torch.full_like(grad, 0.5)
     kw = {"cap": 30.0, "vocab_size": 45, "token_chunk": 8, "vocab_chunk": 16,
           "grad_strategy": strategy}  # fmt: skip
     want = _loss_and_grads(softcap_ce_fused, h, w, labels, grad, **kw)
-    calls, real = [], mod._addmm_f32_
+    calls, real = [], mod.addmm_f32_
 
     def recording(acc, a, b):  # b is h's chunk for dW, W's rows for dh
         calls.append(b.untyped_storage().data_ptr() == h.untyped_storage().data_ptr())
         real(acc, a, b)
 
-    monkeypatch.setattr(mod, "_addmm_f32_", recording)  # (the forward strategy calls it too)
+    for m in (mod, fwd):
+        monkeypatch.setattr(m, "addmm_f32_", recording)
     hh = h.detach().requires_grad_(True)
     loss = softcap_ce_fused(hh, w, labels, **kw)  # w frozen
     (dh,) = torch.autograd.grad(loss, hh, grad.float())
