@@ -169,3 +169,15 @@ def test_attention_only_cli(world1, tmp_path):
     assert {r["backend"] for r in rows} == {"math"}  # CPU default: math only
     assert len(rows) == 4 and all(r["tflops"] > 0 for r in rows)
     assert "fwd+bwd ms" in text
+
+
+def test_benchmark_with_compiled_layers(world1, tmp_path):
+    """--compile [backend]: the trainer's compile.enable on the benchmark's model (compiled in
+    the warmup); the result says so."""
+    out = tmp_path / "out.json"
+    argv = ["--preset", "debug-gemma", *FAST, "--compile", "aot_eager", "--json", out]
+    ((code, text),) = _bench(world1, argv)
+    assert code == 0, text
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["impl"] == "mmcap compiled-aot_eager"
+    _check_throughput(r)
