@@ -8,8 +8,9 @@ all-reduces it ONCE over the world and reads it with ONE ``tolist()`` (on CUDA t
 host sync of mmcap's own; megatron-core's optimizer has its own found-inf / grad-norm reads).
 
 Layout (:func:`layout`): ``[loss sum, target tokens, (loss sum, tokens) per key x K,
-batch counts x 7, decode failures, signalled, loss-gradient check]``. Each rank contributes only what it owns, so
-one SUM over the world gives what separate reductions over the DP, PP and world groups gave:
+batch counts x 7, decode failures, signalled, loss-gradient check]``. Each rank contributes
+only what it owns, so one SUM over the world gives what separate reductions over the DP, PP
+and world groups gave:
 
 - loss and per-key sums: the last pipeline stage's TP rank 0 of each replica (other stages
   hold no loss; TP ranks hold the same) -> the sum over DP, as the DP + PP all-reduces gave;
