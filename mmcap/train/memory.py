@@ -24,7 +24,9 @@ in-flight micro-batch's received packed tensor, non-last stages its sent one
 Transients (only the largest counts): the frozen DaViT's no-grad forward (~8 live copies of
 its widest [b, tokens, C] map), the full-recompute working set (one layer), the bf16
 weight gradient of the largest trainable tensor before it is added to the fp32 buffer, and
-the fused head's logits tile, dh and dW tile (last stage).
+the fused head's logits tile of one token chunk and its dlogits, or its dW cast in backward
+(last stage). The fused head's float32 dh and dW, held from forward to backward by its default
+forward-gradient strategy, are the "logits" part.
 Not modelled (keep headroom): the CUDA context (~0.5 GiB), NCCL buffers, allocator
 fragmentation, data-loader pinned memory.
 """
