@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
-from mmcap.ops.f32_matmul import addmm_f32_, mm_f32
+from mmcap.ops.softcap_ce_common import addmm_f32_, mm_f32, softcap, tp_reduce_stats
 from mmcap.ops.kernels import kernels_disabled, load_extension, use_fused_op, use_kernel
 from mmcap.ops.softcap_ce_fwdgrad import softcap_ce_forward_grad, take_grad_check
 
@@ -72,10 +72,6 @@ def resolve_grad_strategy(strategy: str | None = None) -> str:
         where = "grad_strategy" if strategy is not None else GRAD_ENV
         raise ValueError(f"softcap_ce: {where}={value!r}: use forward or recompute")
     return value
-
-
-def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def _n_valid(vocab_start: int, vocab_size: int, local_rows: int) -> int:
@@ -131,7 +127,7 @@ def softcap_ce_fwd(
                 ext.tile_stats(z, lc, m[t0:t1], s[t0:t1], tgt[t0:t1], vocab_start + v0,
                                cap or 0.0)  # fmt: skip
                 continue
-            c = _softcap(z, cap)
+            c = softcap(z, cap)
             tile_m = c.max(-1).values
             new_m = torch.maximum(m[t0:t1], tile_m)
             tile_s = torch.exp(c - tile_m[:, None]).sum(-1)
@@ -188,7 +184,7 @@ def softcap_ce_bwd(
                 dz = z if h.dtype == torch.float32 else torch.empty_like(z, dtype=h.dtype)
                 ext.tile_grad(z, dz, lc, lse[t0:t1], grad[t0:t1], vocab_start + v0, cap or 0.0)
             else:
-                c = _softcap(z, cap)
+                c = softcap(z, cap)
                 dz = torch.exp(c - lse[t0:t1, None])
                 col = lc - (vocab_start + v0)
                 hit = (col >= 0) & (col < v1 - v0)
@@ -222,13 +218,7 @@ class _SoftcapCE(torch.autograd.Function):
     def forward(ctx, h, weight, labels, cap, vocab_start, n_valid, group, tc, vc):
         stats = torch.ops.mmcap.softcap_ce_fwd(h, weight, labels, cap, vocab_start, n_valid, tc, vc)
         m, s, tgt = stats[0], stats[1], stats[2]
-        if _tp_size(group) > 1:
-            gm = m.clone()
-            dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)  # sync: TP
-            # A rank with no real rows has m = -inf, s = 0: contributes exp(-inf) * 0 = 0.
-            st = torch.stack([s * torch.exp(m - gm), tgt])
-            dist.all_reduce(st, group=group)  # sync: TP (sum-exp, target from its one rank)
-            m, s, tgt = gm, st[0], st[1]
+        m, s, tgt = tp_reduce_stats(m, s, tgt, group)
         lse = m + torch.log(s)
         ignored = labels == IGNORE_INDEX
         ctx.save_for_backward(h, weight, labels, lse, ignored)
@@ -316,7 +306,7 @@ def softcap_ce_ref(
         tgt = hc.new_zeros(hc.shape[0])
         for v0 in range(0, n_valid, vocab_chunk):
             v1 = min(n_valid, v0 + vocab_chunk)
-            c = _softcap(hc @ weight[v0:v1].to(acc).t(), cap)
+            c = softcap(hc @ weight[v0:v1].to(acc).t(), cap)
             tile_lse.append(torch.logsumexp(c, dim=-1))
             col = lc - (vocab_start + v0)
             hit = (col >= 0) & (col < v1 - v0)

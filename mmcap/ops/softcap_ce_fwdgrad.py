@@ -29,10 +29,9 @@ about 4 GiB in all against the unfused path's 27 GiB.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from mmcap.config.constants import IGNORE_INDEX
-from mmcap.ops.f32_matmul import addmm_f32_, mm_f32
+from mmcap.ops.softcap_ce_common import addmm_f32_, mm_f32, softcap, tp_reduce_stats
 from mmcap.ops.kernels import load_extension, use_kernel
 
 __all__ = ["TILE_BYTES", "forward_grad_token_chunk", "softcap_ce_forward_grad", "take_grad_check"]
@@ -51,10 +50,6 @@ def forward_grad_token_chunk(n_valid: int, tile_bytes: int = TILE_BYTES) -> int:
     vocabulary rows fits ``tile_bytes``."""
     tokens = max(1, tile_bytes // (4 * max(n_valid, 1)))
     return max(16, 1 << (tokens.bit_length() - 1))
-
-
-def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 # --- this rank's tiles: custom ops ------------------------------------------------------------
@@ -80,7 +75,7 @@ def softcap_ce_chunk_logits(
     if ext is not None:
         ext.tile_stats(z, labels, m, s, tgt, vocab_start, cap or 0.0)
         return z, stats
-    c = _softcap(z, cap)
+    c = softcap(z, cap)
     m.copy_(c.max(-1).values)
     s.copy_(torch.exp(c - m[:, None]).sum(-1))
     col = labels - vocab_start
@@ -121,7 +116,7 @@ def softcap_ce_chunk_grads(
         dz = logits if h.dtype == torch.float32 else torch.empty_like(logits, dtype=h.dtype)
         ext.tile_grad(logits, dz, labels, lse, g, vocab_start, cap or 0.0)
     else:
-        c = _softcap(logits, cap)
+        c = softcap(logits, cap)
         dz = torch.exp(c - lse[:, None])
         col = labels - vocab_start
         hit = (col >= 0) & (col < n_valid)
@@ -183,17 +178,6 @@ def take_grad_check(device: torch.device | str | None = None) -> torch.Tensor | 
 
 
 # --- autograd composition ---------------------------------------------------------------------
-def _tp_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, s, tgt = stats[0], stats[1], stats[2]
-    if group is not None and dist.get_world_size(group) > 1:
-        gm = m.clone()
-        dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)  # sync: TP
-        st = torch.stack([s * torch.exp(m - gm), tgt])  # a padding-only rank adds 0
-        dist.all_reduce(st, group=group)  # sync: TP
-        m, s, tgt = gm, st[0], st[1]
-    return m, s, tgt
-
-
 class _SoftcapCEForwardGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, cap, vocab_start, n_valid, group, tc, need_dh, need_dw):
@@ -208,7 +192,7 @@ class _SoftcapCEForwardGrad(torch.autograd.Function):
             hc, lc = h[t0:t1], labels[t0:t1]
             z, stats = torch.ops.mmcap.softcap_ce_chunk_logits(hc, weight, lc, cap, vocab_start,
                                                                n_valid)  # fmt: skip
-            m, s, tgt = _tp_stats(stats, group)
+            m, s, tgt = tp_reduce_stats(stats[0], stats[1], stats[2], group)
             lse = m + torch.log(s)
             loss[t0:t1] = lse - tgt
             dh_c = torch.ops.mmcap.softcap_ce_chunk_grads(

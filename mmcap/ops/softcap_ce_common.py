@@ -1,13 +1,34 @@
-"""Matmuls of 16-bit (or float32) inputs with float32 output and accumulation, for the fused
-LM-head loss (mmcap.ops.softcap_ce and its forward-gradient strategy)."""
+"""Pieces both gradient strategies of the fused LM-head loss share (mmcap.ops.softcap_ce and
+mmcap.ops.softcap_ce_fwdgrad): the soft-cap, the TP reduction of the per-token statistics and
+matmuls of 16-bit (or float32) inputs with float32 output and accumulation."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["addmm_f32_", "mm_f32"]
+__all__ = ["addmm_f32_", "mm_f32", "softcap", "tp_reduce_stats"]
+
+
+def softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def tp_reduce_stats(
+    m: torch.Tensor, s: torch.Tensor, tgt: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's vocab-parallel rule over the TP ``group`` (None or size 1: unchanged): the
+    global max, the sum-exp rescaled to it, the target logit from the one rank holding it."""
+    if group is None or dist.get_world_size(group) == 1:
+        return m, s, tgt
+    gm = m.clone()
+    dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)  # sync: TP
+    # A rank with no real rows has m = -inf, s = 0: contributes exp(-inf) * 0 = 0.
+    st = torch.stack([s * torch.exp(m - gm), tgt])
+    dist.all_reduce(st, group=group)  # sync: TP (sum-exp, target from its one rank)
+    return gm, st[0], st[1]
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
