@@ -152,7 +152,7 @@ def _check_uniform(g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     torch.compile an asynchronous assert (on CUDA a device-side assert)."""
     hi = g.masked_fill(~valid, float("-inf")).amax()
     lo = g.masked_fill(~valid, float("inf")).amin()
-    bad = valid.any() & (hi != lo)
+    bad = valid.any() & (hi > lo)  # (a NaN gradient is not flagged: it gives NaN grads, skipped)
     if torch.compiler.is_compiling():  # traceable: no host branch, no global state
         torch._assert_async(~bad, GRAD_CHECK_MESSAGE)
     elif not g.is_cuda:

@@ -242,6 +242,10 @@ def test_forward_strategy_rejects_per_token_weights():
     ignored = torch.full_like(labels, IGNORE_INDEX)
     _, dh, dw = _loss_and_grads(softcap_ce_fused, h, w, ignored, grad, **kw)
     assert dh.abs().max() == 0 and dw.abs().max() == 0
+    # a non-finite loss gradient is not a weighting: non-finite gradients (the trainer skips)
+    _, dh, dw = _loss_and_grads(softcap_ce_fused, h, w, labels, torch.full_like(grad, float("nan")),
+                                **kw)  # fmt: skip
+    assert dh.isnan().any() and dw.isnan().any()
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "forward"])
