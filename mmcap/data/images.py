@@ -7,15 +7,17 @@ transform is torchvision ``Resize((S, S), interpolation=BICUBIC)`` on a PIL imag
 
 - ``pil``: PIL on the CPU (DataLoader workers); bit-identical to the official transform.
 - ``torchvision``: ``torchvision.io.decode_jpeg(device="cuda")`` on the whole batch (nvjpeg),
-  antialiased bicubic resize on the GPU (grouped by source size), normalise on the GPU.
+  PIL's two-pass bicubic resize on the GPU (:mod:`mmcap.data.pil_resize`, grouped by source
+  size), normalise on the GPU.
 - ``dali``: NVIDIA DALI, ``fn.external_source`` -> ``fn.decoders.image`` (``device="cpu"`` in
   a CPU-only pipeline, or ``"mixed"``: nvjpeg; ``ImageConfig.dali_device``) -> two
   ``fn.resize`` passes (cubic, antialias, uint8 between them as PIL) ->
   ``fn.crop_mirror_normalize``. Its CPU pipeline runs in CI against ``pil``
   (tests/data/test_images_dali.py states the measured differences).
 
-The torchvision back-end resamples in float without PIL's 8-bit intermediate, so it differs
-from ``pil`` by a few grey levels; ``tools/bench_data.py`` reports the maximum difference.
+The GPU back-ends decode with nvjpeg, which differs from libjpeg (PIL) by a few grey levels
+(more at image borders and chroma edges: up to 16 levels measured on an H200, 2026-11-29);
+``tools/bench_data.py`` reports the differences.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from mmcap.data.config import ImageConfig
+from mmcap.data.pil_resize import PILLOW_PICKS_ORDER, resize_like_pil
 from mmcap.data.records import pil_load_truncated
 
 log = logging.getLogger(__name__)
@@ -138,14 +141,8 @@ class TorchvisionDecoder(ImageDecoder):
         for i, im in enumerate(images):
             by_size.setdefault(tuple(im.shape[1:]), []).append(i)
         for (h, w), idx in by_size.items():
-            x = torch.stack([images[i] for i in idx]).float()
-            if (h, w) != (s, s):
-                # Antialiased bicubic (a = -0.5, PIL's kernel); round like PIL's uint8 output.
-                x = torch.nn.functional.interpolate(
-                    x, size=(s, s), mode="bicubic", antialias=True, align_corners=False
-                )
-                x = x.round_().clamp_(0, 255)
-            out[idx] = x
+            # PIL's two uint8-rounded passes, in the installed Pillow's order.
+            out[idx] = resize_like_pil(torch.stack([images[i] for i in idx]), (s, s))
         return normalize_(out, self.cfg.mean, self.cfg.std)
 
 
@@ -153,10 +150,11 @@ class DALIDecoder(ImageDecoder):
     """NVIDIA DALI pipeline fed from memory (the mmap image store) by ``fn.external_source``.
 
     ``fn.decoders.image`` on the CPU (``device_id=None``, a CPU-only pipeline) or on the GPU
-    ("mixed": nvjpeg), chosen by ``cfg.dali_device``. The resize runs as PIL's does: the
-    horizontal pass, rounded and clamped to uint8, then the vertical pass (both antialiased
-    cubic, a = -0.5); one 2-D float resize instead differs from PIL by up to 20 grey levels
-    at sharp edges (PIL's clamped 8-bit intermediate; measured on the demo photographs).
+    ("mixed": nvjpeg), chosen by ``cfg.dali_device``. The resize runs as PIL's does: one
+    pass, rounded and clamped to uint8, then the other (both antialiased cubic, a = -0.5), in
+    the order the installed Pillow picks per image (:mod:`mmcap.data.pil_resize`); one 2-D
+    float resize instead differs from PIL by up to 20 grey levels at sharp edges (PIL's
+    clamped 8-bit intermediate; measured on the demo photographs).
 
     A batch DALI cannot decode (corrupt, or a truncated JPEG that PIL loads with
     ``load_truncated``) is decoded by :class:`PILDecoder` instead, with its tolerance and its
@@ -227,9 +225,18 @@ class DALIDecoder(ImageDecoder):
                 adjust_orientation=False,
             )
             hw = fn.cast(images.shape(), dtype=types.FLOAT)  # [H, W, C] per sample
+            in_h, in_w = hw[0], hw[1]
             cubic = dict(interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
-            # PIL's order: horizontal pass to uint8 (rounded, clamped), then vertical.
-            images = fn.resize(images, resize_x=s, resize_y=hw[0], **cubic)
+            # PIL's two passes, each to uint8 (rounded, clamped), in the installed Pillow's
+            # order per sample (mmcap.data.pil_resize): the first pass resizes one axis only.
+            if PILLOW_PICKS_ORDER:
+                shrink_h = in_h - s
+                vfirst = fn.cast((shrink_h > 0) & (shrink_h > 2.0 * (in_w - s)), dtype=types.FLOAT)
+                first_x = vfirst * in_w + (1.0 - vfirst) * s
+                first_y = vfirst * s + (1.0 - vfirst) * in_h
+            else:
+                first_x, first_y = s, in_h
+            images = fn.resize(images, resize_x=first_x, resize_y=first_y, **cubic)
             images = fn.resize(images, resize_x=s, resize_y=s, **cubic)
             return fn.crop_mirror_normalize(
                 images,

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from mmcap.data.pil_resize import pil_vertical_first
+
 PRECISION_BITS = 32 - 8 - 2
 
 
@@ -63,15 +65,21 @@ def _pass(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     return np.moveaxis(np.clip(out, 0, 255).astype(np.uint8), 0, axis)
 
 
-def pil_bicubic_resize_ref(img: np.ndarray, size: tuple[int, int], order: str = "hv") -> np.ndarray:
+def pil_bicubic_resize_ref(
+    img: np.ndarray, size: tuple[int, int], order: str = "pil"
+) -> np.ndarray:
     """uint8 [H, W, C] -> uint8 [h, w, C] with ``size = (w, h)``, as ``PIL.Image.resize``.
 
-    ``order``: "hv" = horizontal pass first (Pillow's classic ``ImagingResampleInner``), "vh" =
-    vertical first. Pillow 12.3+ picks the order per call by a cost estimate (measured here
-    with Pillow 13.0: e.g. 50x900 -> 768x768 runs vertical first); the 8-bit intermediate makes
-    the two orders differ by a few grey levels, so a parity test accepts either.
+    ``order``: "hv" = horizontal pass first (Pillow up to 12.x, always), "vh" = vertical first,
+    "pil" = the installed Pillow's choice (13+: vertical first when the height shrinks by more
+    than twice as many pixels as the width; :func:`mmcap.data.pil_resize.pil_vertical_first`).
+    The 8-bit intermediate makes the two orders differ by a few grey levels.
     """
     w, h = size
+    if order == "pil":
+        order = "vh" if pil_vertical_first(img.shape[1], img.shape[0], w, h) else "hv"
+    elif order not in ("hv", "vh"):
+        raise ValueError(f"order must be 'pil', 'hv' or 'vh', got {order!r}")
     out = img
     for axis in (1, 0) if order == "hv" else (0, 1):
         target = w if axis == 1 else h

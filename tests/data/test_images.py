@@ -15,6 +15,7 @@ from PIL import Image
 from mmcap.config import ConfigError
 from mmcap.data.config import ImageConfig
 from mmcap.data.images import HAVE_DALI, HAVE_TORCHVISION, PILDecoder, build_image_decoder
+from mmcap.data.pil_resize import PILLOW_PICKS_ORDER, pil_vertical_first
 from mmcap.data.resize_ref import normalize_ref, pil_bicubic_resize_ref
 from mmcap.data.testing import make_jpeg
 
@@ -37,13 +38,26 @@ def test_pil_matches_numpy_reference(size):
     for i, jpeg in enumerate(jpegs):
         u8 = decoder.resize_uint8(jpeg)
         src = _decoded(jpeg)
-        refs = [pil_bicubic_resize_ref(src, (size, size), order) for order in ("hv", "vh")]
-        # Bit-exact against the reference with one of the two pass orders (Pillow picks).
-        assert any(np.array_equal(u8, r) for r in refs), (
-            SIZES[i],
-            [np.abs(u8.astype(int) - r).max() for r in refs],
-        )
+        ref = pil_bicubic_resize_ref(src, (size, size))  # the installed Pillow's pass order
+        assert np.array_equal(u8, ref), (SIZES[i], np.abs(u8.astype(int) - ref).max())
         np.testing.assert_allclose(got[i].numpy(), normalize_ref(u8, MEAN, STD), rtol=0, atol=2e-6)
+
+
+@pytest.mark.skipif(not PILLOW_PICKS_ORDER, reason="Pillow < 13: horizontal pass first, always")
+def test_pass_order_is_pillows():
+    """Pillow 13 runs the vertical pass first when the height shrinks by more than twice as
+    many pixels as the width; the reference follows, and the other order would not match."""
+    rng = np.random.default_rng(0)
+    orders = set()
+    for w, h, s in [(195, 303, 96), (366, 494, 96), (18, 283, 96), (288, 464, 32), (90, 700, 64)]:
+        src = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noise: the orders differ
+        pil = np.asarray(Image.fromarray(src).resize((s, s), Image.BICUBIC))
+        vfirst = pil_vertical_first(w, h, s, s)
+        orders.add(vfirst)
+        assert np.array_equal(pil, pil_bicubic_resize_ref(src, (s, s))), (w, h, s)
+        other = pil_bicubic_resize_ref(src, (s, s), "hv" if vfirst else "vh")
+        assert not np.array_equal(pil, other), (w, h, s)
+    assert orders == {True, False}
 
 
 def test_bilinear_would_fail_the_reference():
@@ -72,19 +86,41 @@ def test_config_and_registry():
         ImageConfig(backend="opencv")
 
 
-# GPU back-ends: they resample in float (no 8-bit intermediate), so they may differ from PIL
-# by a couple of grey levels; 4 levels / 255 / min(std) bounds that in normalised units.
-GPU_TOL = 4 / 255 / min(STD)
+# GPU back-ends decode with nvjpeg, not libjpeg: the two differ by a few grey levels, more
+# at image borders and chroma edges (torchvision's own test of its CUDA decoder bounds only the
+# mean difference to libjpeg, by 2 levels). Measured on an H200 (2026-11-29, torchvision's
+# back-end, these images at 224 px): at most 16 levels. The resize itself is held to 2 levels
+# of PIL's separately (tests/data/test_pil_resize.py); these bound the decode and the glue
+# (layout, channel order, normalisation: any of them wrong is far beyond the mean bound).
+LEVEL = 1 / 255 / min(STD)  # one grey level in normalised units (at most)
 
 
 def _gpu_vs_pil(backend):
     cfg = ImageConfig(size=224, backend=backend)
     jpegs = [make_jpeg(i, wh) for i, wh in enumerate(SIZES)]
-    got = build_image_decoder(cfg)(jpegs).cpu()
+    got = build_image_decoder(cfg)(jpegs)
+    assert got.is_cuda and got.dtype == torch.float32
     ref = PILDecoder(cfg)(jpegs)
     assert got.shape == ref.shape
-    assert (got - ref).abs().max().item() <= GPU_TOL
-    assert (got - ref).abs().mean().item() <= 0.25 * GPU_TOL
+    diff = (got.cpu() - ref).abs()
+    assert diff.mean().item() <= 1.0 * LEVEL, diff.mean().item() / LEVEL
+    assert diff.max().item() <= 32 * LEVEL, diff.max().item() / LEVEL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TORCHVISION, reason="needs torchvision")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decode_vs_libjpeg():
+    """nvjpeg's pixels against PIL's (libjpeg) before any resize."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [make_jpeg(i, wh) for i, wh in enumerate(SIZES)]
+    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    for jpeg, img in zip(jpegs, decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")):
+        ref = torch.from_numpy(_decoded(jpeg).copy()).permute(2, 0, 1)
+        assert img.shape == ref.shape
+        d = (img.cpu().float() - ref.float()).abs()
+        assert d.mean().item() <= 1.0, (tuple(ref.shape), d.mean().item(), d.max().item())
 
 
 @pytest.mark.gpu
