@@ -51,7 +51,8 @@ bench: $(STAMP)
 # transformers 5.17 lacks what mmcap.hf imports; measured 2026-11-29).
 GPU_WHEELS ?= megatron-core==0.16.1 pytest==9.2.0 pluggy==1.6.0 iniconfig==2.1.0 \
 	pytest-timeout==2.4.0 pygments==2.19.2 packaging==25.0 pyyaml==6.0.3 psutil==7.2.2 \
-	transformers==5.23.0 huggingface_hub==2.4.0 tokenizers==0.23.3 hf-xet==1.8.0
+	transformers==5.23.0 huggingface_hub==2.4.0 tokenizers==0.23.3 hf-xet==1.8.0 \
+	liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 gpu-wheels:
 	mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

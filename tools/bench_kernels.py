@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -104,7 +105,8 @@ def measure(fn, make_inputs, device, iters: int, warmup: int) -> dict:
     return {"ms": 1e3 * sorted(times)[len(times) // 2], "peak_mib": peak and peak / 2**20}
 
 
-def run(args) -> list[dict]:
+def run(args, on_row=None) -> list[dict]:
+    """Every row, each also passed to ``on_row(rows)`` as soon as it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = device.type == "cpu"
@@ -117,6 +119,8 @@ def run(args) -> list[dict]:
             res = {"ms": None, "peak_mib": None, "error": f"{type(e).__name__}: {e}"[:200]}
         rows.append({"kind": kind, "shape": shape, "impl": impl, **res})
         print(_fmt(rows[-1]), flush=True)
+        if on_row is not None:
+            on_row(rows)
 
     for name, n, d, v, cap in TINY["ce"] if tiny else CE_SHAPES:
 
@@ -180,18 +184,19 @@ def main() -> int:
             print(f"bench_kernels: extensions not built for {missing}: 'mmcap' rows time the "
                   "references (pip install -e . with a CUDA toolkit)", file=sys.stderr)  # fmt: skip
     print(f"{'kernel':<11} {'shape':<40} {'impl':<16} {'ms fwd+bwd':>10} {'peak MiB':>10}")
-    rows = run(args)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    import os
 
-    os.replace(tmp, args.out)  # atomic
+    def save(rows, complete=False):  # after every row: a run cut short keeps what it measured
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": {**meta, "complete": complete}, "results": rows}, f, indent=1)
+        os.replace(tmp, args.out)  # atomic
+
+    save(run(args, on_row=save), complete=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -80,8 +80,10 @@ else
   say "gpu_check: no gpu-marked tests found"
 fi
 
-# 3b. Fused kernels vs the unfused torch path (torch.compile baselines skipped: compile time).
-run kernels-bench 30 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
+# 3b. Fused kernels vs the unfused torch path, Liger's fused linear CE and Cut Cross-Entropy
+#     (carried wheels; Triton JIT on first use) (torch.compile baselines skipped: compile
+#     time). The JSON is rewritten after every row, so a cut-short run keeps its rows.
+run kernels-bench 60 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
   --out "$OUT_DIR/kernels.json"
 
 # 4. Training benchmarks (the targets: bf16, 224 px, 128/128 tokens).
