@@ -104,6 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="packed row lengths ENCxDEC (default: the trainer's automatic rows)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed steps, profile one more step (torch.profiler): GPU busy time, "
+        "kernel launches, host syncs, top operators; printed and in the JSON",
+    )
+    p.add_argument(
+        "--profile-trace",
+        default=None,
+        help="also write that step's gzipped Chrome trace here (implies --profile)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -185,6 +196,8 @@ def main(argv=None) -> int:
             text_only_translations=args.text_only_translations,
             packing=args.packing == "on",
             pack_rows=_pack_rows(args.pack_rows),
+            profile=args.profile,
+            profile_trace=args.profile_trace,
         )
         init_process_group()
         check_layout(b)
@@ -228,6 +241,12 @@ def main(argv=None) -> int:
             f"{b.steps} timed steps"
         )
         print(throughput_table(results))
+        for r in results:
+            if "profile_per_rank" in r:
+                from mmcap.bench.profile import profile_table
+
+                print(f"{r['impl']} (rank {dist.get_rank()}): "
+                      + profile_table(r["profile_per_rank"][dist.get_rank()]))  # fmt: skip
         if args.json:
             payload = {"environment": environment(), "config": b.__dict__, "results": results}
             if len(results) == 2 and results[1]["impl"] == "mmcap-packed":

@@ -89,8 +89,15 @@ run kernels-bench 60 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-comp
 # 4. Training benchmarks (the issue's targets: bf16, 224 px, 128/128 tokens).
 BENCH=("$PY" tools/benchmark.py --image-size 224 --prompt-tokens 128 --target-tokens 128
        --precision bf16 --steps 5 --warmup 2)
+# --profile: one more step under torch.profiler (GPU busy time, kernel launches, host syncs,
+# top operators: issue 13 item 6), printed to the log and kept in the JSON; with
+# MMCAP_GPU_CHECK_TRACE=1 also its Chrome trace (gzipped, a few MB).
+PROFILE=(--profile)
+if [ "${MMCAP_GPU_CHECK_TRACE:-0}" = 1 ]; then
+  PROFILE=(--profile-trace "$OUT_DIR/train_large_trace.json.gz")
+fi
 run train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
-  --num-microbatches 2 --compare hf --json "$OUT_DIR/train_large.json"
+  --num-microbatches 2 "${PROFILE[@]}" --compare hf --json "$OUT_DIR/train_large.json"
 # The 11.2B model: its build alone took over 110 s on the H200 (2026-11-29: initialised on the
 # CPU, then moved), so it runs only with MMCAP_GPU_CHECK_XLARGE=1 and time to spare.
 if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
@@ -139,8 +146,9 @@ fi
 # 6. Image decode (torchvision nvjpeg on the GPU; DALI only if installed).
 run decode 45 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
 
-# 7. One results file (<date>-<device>.json) for benchmarks/results/.
-run collect 15 "$PY" -m mmcap.bench.collect "$OUT_DIR"
+# 7. One results file (<date>-<device>.json) for benchmarks/results/; the merged parts are
+#    removed (the device tool brings back at most 8 files: the log, this file, a trace).
+run collect 15 "$PY" -m mmcap.bench.collect --prune "$OUT_DIR"
 
 if [ "$DRY" = 1 ]; then exit 0; fi
 if [ ${#FAILED[@]} -gt 0 ]; then

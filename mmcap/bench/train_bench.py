@@ -58,6 +58,10 @@ class BenchConfig:
         sigma / text_only_translations: of the length model (:mod:`mmcap.bench.lengths`).
         packing: pack the samples into rows (``micro_batch_size`` then counts rows).
         pack_rows: (encoder, decoder) row lengths; None = the trainer's automatic rows.
+        profile: after the timed steps, one more step under ``torch.profiler``
+            (:mod:`mmcap.bench.profile`); its summary per rank goes into the result.
+        profile_trace: also write that step's gzipped Chrome trace here (".rankN" added
+            to the name before its extension when the world has several ranks).
     """
 
     preset: str = "debug-gemma"
@@ -83,6 +87,8 @@ class BenchConfig:
     text_only_translations: bool = False
     packing: bool = False
     pack_rows: tuple[int, int] | None = None
+    profile: bool = False
+    profile_trace: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "micro_batch_size", "num_microbatches", "steps"):
@@ -287,6 +293,17 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
             timer.end_step(times[-1])
     finally:
         timer.detach()
+    profiles = None
+    if b.profile or b.profile_trace:  # one more step (collective), not timed above
+        from mmcap.bench.profile import profile_step
+
+        trace = b.profile_trace
+        if trace and world > 1:  # trace.json.gz -> trace.rank3.json.gz
+            head, sep, name = trace.rpartition("/")
+            stem, dot, ext = name.partition(".")
+            trace = f"{head}{sep}{stem}.rank{dist.get_rank()}{dot}{ext}"
+        profiles = [None] * world
+        dist.all_gather_object(profiles, profile_step(step, trace=trace))
     # The slowest rank sets the step time; every rank reports the same numbers.
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -337,6 +354,8 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
         trainable_params=sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad),
         total_params=sum(p.numel() for c in chunks for p in c.parameters()),
     )
+    if profiles is not None:
+        result["profile_per_rank"] = profiles
     parallel_state.destroy_model_parallel()
     return result  # the model and optimizer are freed with this frame
 

@@ -3,6 +3,7 @@ throughput numbers follow from its step time and the trainer's FLOP formula, the
 to the step, the official-style model trains the same parameter set, layout errors name the
 flags. Runs in-process on gloo pools (mmcap.testing.train.tool_in_process)."""
 
+import gzip
 import json
 import math
 import statistics
@@ -60,6 +61,7 @@ def test_benchmark_json_single_process(world1, tmp_path):
             "2",
             "--peak-tflops",
             "0.5",
+            "--profile",
             "--json",
             out,
         ],
@@ -67,6 +69,12 @@ def test_benchmark_json_single_process(world1, tmp_path):
     assert code == 0, text
     data = json.loads(out.read_text())
     (r,) = data["results"]
+    # --profile: one extra step under torch.profiler, not among the timed ones.
+    assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 3
+    (prof,) = r["profile_per_rank"]
+    assert prof["wall_s"] > 0 and prof["aten_ops"] > 100 and prof["device_busy_s"] is None
+    assert {"aten::mm", "aten::bmm"} & {o["name"] for o in prof["top_host"]}
+    assert "profile of one step" in text and "top by self host time" in text
     assert r["impl"] == "mmcap" and r["global_batch_size"] == 4 and r["num_microbatches"] == 2
     assert r["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
     _check_throughput(r, peak=0.5)
@@ -133,12 +141,18 @@ def test_pipeline_layout_phases_per_rank(tmp_path):
                 "fp32",
                 "--num-microbatches",
                 "2",
+                "--profile-trace",
+                tmp_path / "trace.json.gz",
                 "--json",
                 out,
             ],
         )
     assert [c for c, _ in res] == [0, 0], res
     r = json.loads(out.read_text())["results"][0]
+    assert len(r["profile_per_rank"]) == 2  # --profile-trace implies --profile
+    for rank in (0, 1):
+        with gzip.open(tmp_path / f"trace.rank{rank}.json.gz") as f:
+            assert json.load(f)["traceEvents"]
     assert r["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world_size": 2}
     first, last = r["phases_s_per_rank"]
     assert first["vision"] > 0 and first["encoder"] > 0 and first["loss"] == 0

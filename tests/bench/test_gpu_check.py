@@ -46,6 +46,12 @@ def test_dry_run_lists_every_stage(tmp_path):
     )
     compiled = next(line for line in res_c.stdout.splitlines() if "(train-large-compiled," in line)
     assert "--compile" in compiled and "florence-gemma-2-large" in compiled
+    env = dict(os.environ, MMCAP_GPU_CHECK_TRACE="1")
+    res_t = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, check=True, env=env
+    )
+    traced = next(line for line in res_t.stdout.splitlines() if "(train-large," in line)
+    assert "--profile-trace gpu_check_out/train_large_trace.json.gz" in traced
     gpu = next(line for line in lines if "(gpu-tests," in line)
     assert "-m gpu" in gpu and "tests/ops/test_attention.py" in gpu  # files with the marker
     assert "tests/bench/" not in gpu
@@ -57,6 +63,7 @@ def test_dry_run_lists_every_stage(tmp_path):
         "--target-tokens 128",
         "--precision bf16",
         "--compare hf",
+        "--profile",
         "train_large.json",
     ):
         assert flag in large, flag
@@ -88,4 +95,9 @@ def test_collect_merges_and_names_the_file(tmp_path):
     assert collect(tmp_path) == path  # a second run does not swallow its own output
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not valid JSON"):
-        collect(tmp_path)
+        collect(tmp_path, prune=True)
+    assert (tmp_path / "train_large.json").exists()  # a failed merge removes nothing
+    (tmp_path / "bad.json").unlink()
+    path = collect(tmp_path, prune=True)  # the device tool returns at most 8 files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert set(json.loads(path.read_text())["parts"]) == {"train_large", "attention_2b"}
