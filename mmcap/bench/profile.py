@@ -51,33 +51,7 @@ def profile_step(
         step()
         _sync()
     wall = time.perf_counter() - t0
-    events = prof.key_averages()
-
-    def count(names) -> dict[str, int]:
-        return {e.key: e.count for e in events if e.key in names}
-
-    ops = [
-        {
-            "name": e.key,
-            "count": e.count,
-            "self_host_ms": e.self_cpu_time_total / 1e3,
-            "self_device_ms": e.self_device_time_total / 1e3,
-        }
-        for e in events
-    ]
-    host = [o for o in ops if o["name"].startswith("aten::")]
-    launches, syncs = count(LAUNCHES), count(SYNCS)
-    out = {
-        "wall_s": wall,
-        "device_busy_s": sum(o["self_device_ms"] for o in ops) / 1e3 if cuda else None,
-        "kernel_launches": sum(launches.values()) if cuda else None,
-        "host_syncs": syncs,
-        "aten_ops": sum(o["count"] for o in host),
-        "aten_self_host_s": sum(o["self_host_ms"] for o in host) / 1e3,
-        "top_device": sorted(ops, key=lambda o: -o["self_device_ms"])[:top] if cuda else [],
-        "top_host": sorted(host, key=lambda o: -o["self_host_ms"])[:top],
-    }
-    out["device_busy_fraction"] = out["device_busy_s"] / wall if cuda and wall > 0 else None
+    out = summarize(prof.key_averages(), wall, cuda, top)
     if trace is not None:
         raw = f"{trace}.tmp.json"
         prof.export_chrome_trace(raw)
@@ -87,6 +61,45 @@ def profile_step(
         os.replace(f"{trace}.tmp", trace)
         out["trace"] = str(trace)
     return out
+
+
+def summarize(events, wall: float, cuda: bool, top: int = 25) -> dict:
+    """The summary of ``prof.key_averages()`` (``events``) for a step of ``wall`` seconds.
+
+    Device time is read from the device events alone (kernels, memcpy / memset): an operator's
+    ``self_device_time_total`` holds the kernels it launched, which the device events hold too,
+    so summing both would count each kernel twice.
+    """
+
+    def on_device(e) -> bool:
+        return e.device_type != torch.autograd.DeviceType.CPU
+
+    def row(e) -> dict:
+        return {
+            "name": e.key,
+            "count": e.count,
+            "self_host_ms": e.self_cpu_time_total / 1e3,
+            "self_device_ms": e.self_device_time_total / 1e3,
+        }
+
+    kernels = [row(e) for e in events if on_device(e)]
+    host = [row(e) for e in events if not on_device(e) and e.key.startswith("aten::")]
+    counts = {e.key: e.count for e in events if not on_device(e)}
+    busy = sum(k["self_device_ms"] for k in kernels) / 1e3 if cuda else None
+    return {
+        "wall_s": wall,
+        "device_busy_s": busy,
+        "device_busy_fraction": busy / wall if busy is not None and wall > 0 else None,
+        "kernel_launches": sum(counts.get(n, 0) for n in LAUNCHES) if cuda else None,
+        "host_syncs": {n: counts[n] for n in SYNCS if n in counts},
+        "aten_ops": sum(o["count"] for o in host),
+        "aten_self_host_s": sum(o["self_host_ms"] for o in host) / 1e3,
+        # kernels (and copies) by their time on the device; operators by the device time of
+        # the kernels they launched themselves; operators by their own host time
+        "top_device": sorted(kernels, key=lambda o: -o["self_device_ms"])[:top],
+        "top_ops_device": sorted(host, key=lambda o: -o["self_device_ms"])[:top] if cuda else [],
+        "top_host": sorted(host, key=lambda o: -o["self_host_ms"])[:top],
+    }
 
 
 def profile_table(p: dict, rows: int = 15) -> str:
@@ -101,8 +114,9 @@ def profile_table(p: dict, rows: int = 15) -> str:
     ]
     lines = []
     for title, key, items in (
-        ("top by self device time", "self_device_ms", p["top_device"]),
-        ("top by self host time", "self_host_ms", p["top_host"]),
+        ("top kernels by device time", "self_device_ms", p["top_device"]),
+        ("top operators by device time of their kernels", "self_device_ms", p["top_ops_device"]),
+        ("top operators by self host time", "self_host_ms", p["top_host"]),
     ):
         if items:
             lines.append(f"{title}:")

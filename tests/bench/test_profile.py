@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import pytest
 import torch
 
 from mmcap.bench.profile import profile_step, profile_table
@@ -29,3 +30,37 @@ def test_counts_syncs_and_ranks_operators(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
     text = profile_table(p)
     assert "aten::_local_scalar_dense x3" in text and "aten::mm" in text
+
+
+def test_device_summary_counts_each_kernel_once():
+    """The CUDA branch (run here on stand-in events): busy time from the device events only,
+    though the operator that launched a kernel carries its time too."""
+    from types import SimpleNamespace as E
+
+    from mmcap.bench.profile import summarize
+
+    cpu, dev = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [
+        E(key="aten::mm", count=4, self_cpu_time_total=400.0, self_device_time_total=8000.0,
+          device_type=cpu),
+        E(key="sm90_gemm_bf16", count=4, self_cpu_time_total=0.0, self_device_time_total=8000.0,
+          device_type=dev),
+        E(key="aten::add", count=10, self_cpu_time_total=900.0, self_device_time_total=500.0,
+          device_type=cpu),
+        E(key="elementwise_kernel", count=10, self_cpu_time_total=0.0,
+          self_device_time_total=500.0, device_type=dev),
+        E(key="cudaLaunchKernel", count=14, self_cpu_time_total=300.0, self_device_time_total=0.0,
+          device_type=cpu),
+        E(key="cudaStreamSynchronize", count=2, self_cpu_time_total=50.0,
+          self_device_time_total=0.0, device_type=cpu),
+    ]  # fmt: skip
+    p = summarize(events, wall=0.017, cuda=True)
+    assert p["device_busy_s"] == pytest.approx(0.0085)  # 8.0 + 0.5 ms, not twice that
+    assert p["device_busy_fraction"] == pytest.approx(0.5)
+    assert p["kernel_launches"] == 14 and p["host_syncs"] == {"cudaStreamSynchronize": 2}
+    assert p["aten_ops"] == 14 and p["aten_self_host_s"] == pytest.approx(1.3e-3)
+    assert [k["name"] for k in p["top_device"]] == ["sm90_gemm_bf16", "elementwise_kernel"]
+    assert [o["name"] for o in p["top_ops_device"]] == ["aten::mm", "aten::add"]
+    assert [o["name"] for o in p["top_host"]] == ["aten::add", "aten::mm"]
+    text = profile_table(p)
+    assert "GPU busy 8.5 ms (50%)" in text and "14 kernel launches" in text
