@@ -74,7 +74,7 @@ def test_benchmark_json_single_process(world1, tmp_path):
     (prof,) = r["profile_per_rank"]
     assert prof["wall_s"] > 0 and prof["aten_ops"] > 100 and prof["device_busy_s"] is None
     assert {"aten::mm", "aten::bmm"} & {o["name"] for o in prof["top_host"]}
-    assert "profile of one step" in text and "top by self host time" in text
+    assert "profile of one step" in text and "top operators by self host time" in text
     assert r["impl"] == "mmcap" and r["global_batch_size"] == 4 and r["num_microbatches"] == 2
     assert r["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
     _check_throughput(r, peak=0.5)
