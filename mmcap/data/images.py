@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 try:
     import torchvision  # noqa: F401
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     HAVE_TORCHVISION = True
 except ImportError:  # no CPU torchvision wheel for torch 2.13 on the dev machines
@@ -119,23 +119,40 @@ class PILDecoder(ImageDecoder):
 
 
 class TorchvisionDecoder(ImageDecoder):
-    """Batched nvjpeg decode (``torchvision.io.decode_jpeg(device="cuda")``) + GPU resize."""
+    """Batched nvjpeg decode (``torchvision.io.decode_jpeg(device="cuda")``) + GPU resize.
+
+    A batch nvjpeg cannot decode (corrupt, truncated, CMYK) is decoded by :class:`PILDecoder`
+    instead, with its tolerance and failure count (``tolerant``: a broken image becomes blank
+    and is counted in ``failures``; otherwise PIL's error names it), as the DALI back-end does.
+    """
 
     name = "torchvision"
+    supports_tolerant = True
 
-    def __init__(self, cfg: ImageConfig):
+    def __init__(self, cfg: ImageConfig, tolerant: bool = False):
         super().__init__(cfg)
         if not (HAVE_TORCHVISION and torch.cuda.is_available()):
             raise RuntimeError("the torchvision back-end needs torchvision and CUDA; use 'pil'")
         self.device = torch.device(cfg.device)
+        self._fallback = PILDecoder(cfg, tolerant=tolerant)
+
+    @property
+    def failures(self) -> int:
+        """Images that failed to decode (tolerant mode), counted by the PIL fallback."""
+        return self._fallback.failures
 
     def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
-        from torchvision.io import ImageReadMode
-
         s = self.cfg.size
         data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-        # One nvjpeg batched call; returns uint8 [3, H, W] CUDA tensors.
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        try:  # one nvjpeg batched call; returns uint8 [3, H, W] CUDA tensors
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as e:
+            log.warning(
+                "nvjpeg could not decode a batch of %d images (%s); decoding it with PIL",
+                len(jpegs),
+                " ".join(str(e).split())[:300] or type(e).__name__,
+            )
+            return self._fallback(jpegs).to(self.device)
         out = torch.empty((len(images), 3, s, s), dtype=torch.float32, device=self.device)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
@@ -305,8 +322,9 @@ def available_backends() -> list[str]:
 def build_image_decoder(cfg: ImageConfig, tolerant: bool = False, **kwargs) -> ImageDecoder:
     """The configured back-end ("auto": dali > torchvision > pil among those available with
     CUDA; on a CPU-only machine "pil", faster there than DALI's CPU pipeline per core, see
-    README). ``tolerant`` (training) reaches the back-ends that support it (pil, dali: a broken
-    image becomes blank and is counted in ``decoder.failures``); torchvision raises instead."""
+    README). ``tolerant`` (training) reaches every back-end: pil, and the PIL fallback of
+    torchvision and dali for a batch they cannot decode (a broken image becomes blank and is
+    counted in ``decoder.failures``)."""
     name = cfg.backend
     if name == "auto":
         name = available_backends()[-1]

@@ -6,6 +6,7 @@ torchvision's transform (which calls ``PIL.Image.resize`` itself for PIL images)
 """
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,3 +134,55 @@ def test_torchvision_nvjpeg_vs_pil():
 @pytest.mark.skipif(not HAVE_DALI, reason="needs nvidia-dali")
 def test_dali_vs_pil():
     _gpu_vs_pil("dali")
+
+
+@pytest.fixture
+def torchvision_on_cpu(monkeypatch):
+    """The torchvision back-end on the CPU: a stand-in for nvjpeg's batched ``decode_jpeg``
+    (PIL's pixels; like nvjpeg it raises for the whole batch when one image is broken), so the
+    back-end's own code (size groups, resize, normalisation, fallback) runs here."""
+    from mmcap.data import images
+
+    calls = []
+
+    def fake_decode_jpeg(data, mode, device):
+        calls.append(len(data))
+        out = []
+        for t in data:
+            try:
+                out.append(torch.from_numpy(_decoded(t.numpy().tobytes()).copy()).permute(2, 0, 1))
+            except Exception as e:  # noqa: BLE001 - nvjpeg reports every failure so
+                raise RuntimeError(f"nvjpegDecode failed: {e}") from None
+        return [x.to(device) for x in out]
+
+    monkeypatch.setattr(images, "HAVE_TORCHVISION", True)
+    monkeypatch.setattr(images, "decode_jpeg", fake_decode_jpeg, raising=False)
+    monkeypatch.setattr(images, "ImageReadMode", SimpleNamespace(RGB="RGB"), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return calls
+
+
+def test_torchvision_backend_glue_on_cpu(torchvision_on_cpu):
+    cfg = ImageConfig(size=64, backend="torchvision", device="cpu")
+    dec = build_image_decoder(cfg, tolerant=True)
+    assert dec.name == "torchvision"
+    jpegs = [make_jpeg(i, wh) for i, wh in enumerate(SIZES)] + [make_jpeg(9, (300, 200))]
+    got, ref = dec(jpegs), PILDecoder(cfg)(jpegs)
+    assert torchvision_on_cpu == [len(jpegs)]  # one batched decode call
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= 2 / 255 / min(STD)  # resize_like_pil: 2 levels
+    assert dec.failures == 0
+
+
+def test_torchvision_backend_falls_back_to_pil(torchvision_on_cpu):
+    cfg = ImageConfig(size=32, backend="torchvision", device="cpu")
+    good = [make_jpeg(i, (80, 60)) for i in range(3)]
+    broken = good[1][:40]  # a header and nothing else: PIL cannot load it either
+    dec = build_image_decoder(cfg, tolerant=True)
+    out = dec([good[0], broken, good[2]])
+    assert dec.failures == 1 and out.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(out[[0, 2]], PILDecoder(cfg)([good[0], good[2]]), rtol=0, atol=0)
+    assert out[1].abs().max().item() < 0.02  # blank: the mean colour, ~0 after normalisation
+    strict = build_image_decoder(cfg)  # evaluation: not tolerant, PIL's error surfaces
+    with pytest.raises(OSError):
+        strict([good[0], broken])
