@@ -47,11 +47,14 @@ bench: $(STAMP)
 # Wheels the GPU machine lacks (shared/design/GPU.md), for Python 3.12 manylinux x86-64, into
 # .whl/ (git-ignored; carried to the GPU machine): megatron-core and the small pure-Python
 # packages the tests and the trainer import. Needs network (or a warm pip cache).
-# transformers / huggingface_hub / tokenizers: the pinned versions (the GPU machine's
-# transformers 5.17 lacks what mmcap.hf imports; measured 2026-11-29).
+# transformers / tokenizers / regex: the pinned versions (the GPU machine's transformers 5.17
+# lacks what mmcap.hf imports; measured 2026-11-29). Not huggingface_hub: 2.x needs httpx2 /
+# httpcore2 / truststore, which that machine lacks; its hub 1.33 satisfies transformers 5.23
+# (tests/hf and the benchmark's --compare hf pass with hub 1.33 + httpx here, 2026-11-30).
+# liger-kernel / cut-cross-entropy: the kernels benchmark's baselines (need only triton).
 GPU_WHEELS ?= megatron-core==0.16.1 pytest==9.2.0 pluggy==1.6.0 iniconfig==2.1.0 \
 	pytest-timeout==2.4.0 pygments==2.19.2 packaging==25.0 pyyaml==6.0.3 psutil==7.2.2 \
-	transformers==5.23.0 huggingface_hub==2.4.0 tokenizers==0.23.3 hf-xet==1.8.0 \
+	transformers==5.23.0 tokenizers==0.23.3 regex==2026.11.19 \
 	liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 gpu-wheels:
 	mkdir -p .whl
