@@ -66,6 +66,10 @@ fi
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+# 1b. What this machine imports, with versions (a carried wheel that does not fit the machine's
+#     packages shows up here, not as a failure deep inside a benchmark).
+run imports 30 "$PY" -m mmcap.bench.imports
+
 # 2. csrc/ extensions, if any folder holds sources (never replaces the machine's torch: --no-deps).
 if compgen -G "csrc/*/*.cu" > /dev/null || compgen -G "csrc/*/*.cpp" > /dev/null; then
   run csrc 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .

@@ -27,6 +27,7 @@ def test_dry_run_lists_every_stage(tmp_path):
     lines = [line for line in res.stdout.splitlines() if line.startswith("[dry-run]")]
     stages = [line.split("(")[1].split(",")[0] for line in lines]
     assert [s for s in stages if s not in ("wheels", "csrc")] == [
+        "imports",
         "gpu-tests",
         "kernels-bench",
         "train-large",
@@ -101,3 +102,16 @@ def test_collect_merges_and_names_the_file(tmp_path):
     path = collect(tmp_path, prune=True)  # the device tool returns at most 8 files
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert set(json.loads(path.read_text())["parts"]) == {"train_large", "attention_2b"}
+
+
+def test_imports_stage(monkeypatch, capsys):
+    from mmcap.bench import imports
+
+    assert imports.main() == 0  # this venv has every required module
+    out = capsys.readouterr().out
+    assert "megatron.core" in out and "transformers" in out and "liger_kernel" in out
+    monkeypatch.setattr(imports, "REQUIRED", ["torch", "no_such_module_mmcap"])
+    assert imports.main() == 1
+    captured = capsys.readouterr()
+    assert "no_such_module_mmcap" in captured.out and "MISSING" in captured.out
+    assert "required modules failed: no_such_module_mmcap" in captured.err
