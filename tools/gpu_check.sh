@@ -5,7 +5,9 @@
 # training benchmark (florence-gemma-2-large, 224 px, 128/128 tokens, mmcap vs --compare hf;
 # florence-gemma-2-xlarge on one GPU), the attention back-ends (Gemma-2 2B / 9B shapes) and the
 # image-decode benchmark; with MMCAP_GPU_CHECK_PACKING=1 also padded vs packed training, with
-# MMCAP_GPU_CHECK_COMPILE=1 also the large model with compiled layers.
+# MMCAP_GPU_CHECK_COMPILE=1 also the large model with compiled layers and the kernels
+# benchmark with its torch.compile baselines; MMCAP_GPU_CHECK_BASE=0 skips the default stages
+# (a second call for the optional ones: MMCAP_GPU_CHECK_BASE=0 MMCAP_GPU_CHECK_COMPILE=1 ...).
 # Every table and JSON goes to the output folder; each stage has a time limit: together at
 # most 8 minutes, plus up to 2 minutes for a csrc/ build when it has sources (the optional
 # XLARGE / PACKING / COMPILE stages add theirs).
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) shift; OUT_DIR="${1:?--out needs a folder}" ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (use --dry-run, --out DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -52,6 +54,15 @@ say() {  # a line on stdout and in the log (no log in a dry run)
   if [ "$DRY" = 1 ]; then echo "$*"; else echo "$*" | tee -a "$LOG"; fi
 }
 
+base() {  # a default stage: skipped with MMCAP_GPU_CHECK_BASE=0 (a second call that runs only
+          # the optional XLARGE / COMPILE / PACKING stages within the device's 10-minute call)
+  if [ "${MMCAP_GPU_CHECK_BASE:-1}" = 1 ]; then
+    run "$@"
+  else
+    say "gpu_check: $1 skipped (MMCAP_GPU_CHECK_BASE=0)"
+  fi
+}
+
 cd "$REPO" || exit 1
 [ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
 
@@ -79,7 +90,7 @@ fi
 #    importing a CPU-venv-only package (tensorboard, ...) cannot break the collection here.
 mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
 if [ ${#GPU_TEST_FILES[@]} -gt 0 ]; then
-  run gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
+  base gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
 else
   say "gpu_check: no gpu-marked tests found"
 fi
@@ -87,7 +98,7 @@ fi
 # 3b. Fused kernels vs the unfused torch path, Liger's fused linear CE and Cut Cross-Entropy
 #     (carried wheels; Triton JIT on first use) (torch.compile baselines skipped: compile
 #     time). The JSON is rewritten after every row, so a cut-short run keeps its rows.
-run kernels-bench 60 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
+base kernels-bench 60 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
   --out "$OUT_DIR/kernels.json"
 
 # 4. Training benchmarks (the targets: bf16, 224 px, 128/128 tokens).
@@ -100,7 +111,7 @@ PROFILE=(--profile)
 if [ "${MMCAP_GPU_CHECK_TRACE:-0}" = 1 ]; then
   PROFILE=(--profile-trace "$OUT_DIR/train_large_trace.json.gz")
 fi
-run train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
+base train-large 150 "${BENCH[@]}" --preset florence-gemma-2-large --micro-batch-size 16 \
   --num-microbatches 2 "${PROFILE[@]}" --compare hf --json "$OUT_DIR/train_large.json"
 # The 11.2B model: its build alone took over 110 s on the H200 (2026-11-29: initialised on the
 # CPU, then moved), so it runs only with MMCAP_GPU_CHECK_XLARGE=1 and time to spare.
@@ -116,6 +127,9 @@ if [ "${MMCAP_GPU_CHECK_COMPILE:-0}" = 1 ]; then
   run train-large-compiled 180 "${BENCH[@]}" --preset florence-gemma-2-large \
     --micro-batch-size 16 --num-microbatches 2 --compile --warmup 3 \
     --json "$OUT_DIR/train_large_compiled.json"
+  # and the kernels benchmark's torch.compile baselines (unfused CE, RMSNorm, GeGLU compiled)
+  run kernels-bench-compiled 150 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 \
+    --out "$OUT_DIR/kernels_compiled.json"
 fi
 
 # 4a. Transformer Engine (only where it is installed: it cannot be built on a bare machine in
@@ -140,7 +154,7 @@ fi
 
 # 5. Attention back-ends, Gemma-2 2B and 9B calls.
 # (20 s per shape timed out on 2026-11-29: compile time; the 9B shape with the XLARGE switch)
-run attention-2b 60 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
+base attention-2b 60 "$PY" tools/benchmark.py --attention-only --attention-model 2b \
   --target-tokens 128 --prompt-tokens 128 --json "$OUT_DIR/attention_2b.json"
 if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
   run attention-9b 60 "$PY" tools/benchmark.py --attention-only --attention-model 9b \
@@ -148,7 +162,7 @@ if [ "${MMCAP_GPU_CHECK_XLARGE:-0}" = 1 ]; then
 fi
 
 # 6. Image decode (torchvision nvjpeg on the GPU; DALI only if installed).
-run decode 45 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
+base decode 45 "$PY" tools/bench_data.py --seconds 1 --groups 2000 --json "$OUT_DIR/data.json"
 
 # 7. One results file (<date>-<device>.json) for benchmarks/results/; the merged parts are
 #    removed (the device tool brings back at most 8 files: the log, this file, a trace).

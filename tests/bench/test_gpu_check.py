@@ -47,6 +47,17 @@ def test_dry_run_lists_every_stage(tmp_path):
     )
     compiled = next(line for line in res_c.stdout.splitlines() if "(train-large-compiled," in line)
     assert "--compile" in compiled and "florence-gemma-2-large" in compiled
+    env = dict(os.environ, MMCAP_GPU_CHECK_BASE="0", MMCAP_GPU_CHECK_COMPILE="1")
+    res_b = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, check=True, env=env
+    )
+    second = [ln.split("(")[1].split(",")[0] for ln in res_b.stdout.splitlines()
+              if ln.startswith("[dry-run]")]  # fmt: skip
+    assert [s for s in second if s not in ("wheels", "csrc")] == [
+        "imports", "train-large-compiled", "kernels-bench-compiled", "collect"]  # fmt: skip
+    assert "train-large skipped (MMCAP_GPU_CHECK_BASE=0)" in res_b.stdout
+    kernels = next(line for line in res_c.stdout.splitlines() if "(kernels-bench-compiled," in line)
+    assert "--no-compile" not in kernels and "kernels_compiled.json" in kernels
     env = dict(os.environ, MMCAP_GPU_CHECK_TRACE="1")
     res_t = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, check=True, env=env
