@@ -157,7 +157,7 @@ class TorchvisionDecoder(ImageDecoder):
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             by_size.setdefault(tuple(im.shape[1:]), []).append(i)
-        for (h, w), idx in by_size.items():
+        for idx in by_size.values():
             # PIL's two uint8-rounded passes, in the installed Pillow's order.
             out[idx] = resize_like_pil(torch.stack([images[i] for i in idx]), (s, s))
         return normalize_(out, self.cfg.mean, self.cfg.std)
