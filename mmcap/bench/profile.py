@@ -104,6 +104,8 @@ def summarize(events, wall: float, cuda: bool, top: int = 25) -> dict:
 
 def profile_table(p: dict, rows: int = 15) -> str:
     """The summary as text (the benchmark prints it after its throughput table)."""
+    if "error" in p:
+        return f"profile failed: {p['error']}"
     busy = p["device_busy_fraction"]
     head = [
         f"profile of one step: wall {p['wall_s'] * 1e3:.1f} ms"

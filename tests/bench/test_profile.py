@@ -64,3 +64,23 @@ def test_device_summary_counts_each_kernel_once():
     assert [o["name"] for o in p["top_host"]] == ["aten::add", "aten::mm"]
     text = profile_table(p)
     assert "GPU busy 8.5 ms (50%)" in text and "14 kernel launches" in text
+
+
+def test_a_failing_profiler_keeps_the_benchmark(single_rank_parallel_state, monkeypatch):
+    """The benchmark's extra profiled step: a profiler error is reported, not raised (the
+    timed results of the run stay)."""
+    from mmcap.bench import profile as prof_mod
+    from mmcap.bench import train_bench
+
+    def broken(step, **kw):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(prof_mod, "profile_step", broken)
+    r = train_bench.run_mmcap_benchmark(
+        train_bench.BenchConfig(preset="debug-gemma", steps=1, warmup=0, profile=True,
+                                prompt_tokens=4, target_tokens=4)  # fmt: skip
+    )
+    assert r["step_time_s"] > 0
+    (p,) = r["profile_per_rank"]
+    assert "CUPTI_ERROR_NOT_INITIALIZED" in p["error"]
+    assert profile_table(p).startswith("profile failed: RuntimeError")
