@@ -53,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile the transformer layers (compile.enable; default backend inductor); "
         "compilation happens in the warmup steps",
     )
+    p.add_argument(
+        "--optimizer-implementation",
+        default="fused",
+        choices=["fused", "foreach", "for-loop"],
+        help="torch AdamW's optim.implementation when megatron-core falls back to it (no TE / "
+        "apex, whose FusedAdam is always fused)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: by GPU name)")
     p.add_argument(
         "--compare",
@@ -198,6 +205,7 @@ def main(argv=None) -> int:
             pack_rows=_pack_rows(args.pack_rows),
             profile=args.profile,
             profile_trace=args.profile_trace,
+            optimizer_implementation=args.optimizer_implementation,
         )
         init_process_group()
         check_layout(b)

@@ -146,6 +146,7 @@ def run_hf_benchmark(b: BenchConfig, model_cfg, num_microbatches: int, peak: flo
     mem, kind = peak_memory_gib()
     result.update(
         impl="hf-official-style",
+        optimizer="torch AdamW default",  # torch's choice: foreach on CUDA
         global_batch_size=samples,
         num_microbatches=num_microbatches,
         peak_memory_gib=mem,

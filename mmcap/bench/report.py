@@ -61,9 +61,10 @@ def throughput_table(results: list[dict]) -> str:
         ("useful tokens decoder", "useful_decoder", ".1%"),
         ("trainable params", "trainable_params", ",d"),
         ("total params", "total_params", ",d"),
+        ("optimizer", "optimizer", "s"),
     ]
     names = [r["impl"] for r in results]
-    width = max(12, *(len(n) for n in names))
+    width = max(12, *(len(n) for n in names), *(len(str(r.get("optimizer", ""))) for r in results))
     lines = [f"{'':28s}" + "".join(f"{n:>{width + 2}s}" for n in names)]
     for label, key, spec in rows:
         lines.append(

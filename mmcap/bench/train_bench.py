@@ -62,6 +62,8 @@ class BenchConfig:
             (:mod:`mmcap.bench.profile`); its summary per rank goes into the result.
         profile_trace: also write that step's gzipped Chrome trace here (".rankN" added
             to the name before its extension when the world has several ranks).
+        optimizer_implementation: torch AdamW's ``optim.implementation`` (fused, foreach,
+            for-loop) when megatron-core falls back to it (no TE / apex).
     """
 
     preset: str = "debug-gemma"
@@ -89,6 +91,7 @@ class BenchConfig:
     pack_rows: tuple[int, int] | None = None
     profile: bool = False
     profile_trace: str | None = None
+    optimizer_implementation: str = "fused"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "micro_batch_size", "num_microbatches", "steps"):
@@ -132,7 +135,12 @@ def build_bench_train_config(b: BenchConfig, dp: int):
         seed=b.seed,
         compile=CompileConfig(enable=b.compile is not None, backend=b.compile or "inductor"),
     )
-    cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=0, decay_style="constant")
+    cfg.optim = dataclasses.replace(
+        cfg.optim,
+        warmup_steps=0,
+        decay_style="constant",
+        implementation=b.optimizer_implementation,
+    )
     if b.packing:
         require(
             cfg.global_batch_size % dp == 0,
@@ -230,7 +238,7 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
     from mmcap.train.builder import build_scheduler, optimizer_config
     from mmcap.train.data import current_device
     from mmcap.train.flops import batch_step_flops, peak_tflops
-    from mmcap.train.step import build_optimizer, train_step, wrap_model
+    from mmcap.train.step import build_optimizer, describe_optimizer, train_step, wrap_model
 
     initialize_model_parallel(
         ParallelConfig(tensor_parallel=b.tp, pipeline_parallel=b.pp), seed=b.seed
@@ -247,7 +255,7 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
 
         compile_layers(chunks, backend=cfg.compile.backend)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
-    optimizer = build_optimizer(ddp, optimizer_config(cfg))
+    optimizer = build_optimizer(ddp, optimizer_config(cfg), implementation=cfg.optim.implementation)
     scheduler = build_scheduler(cfg, optimizer)
     dp_rank = parallel_state.get_data_parallel_rank()
     from mmcap.bench.synthetic import synthetic_batch
@@ -338,6 +346,7 @@ def run_mmcap_benchmark(b: BenchConfig) -> dict:
         impl="mmcap" + ("" if b.fp8 is None else f" fp8-{b.fp8}")
         + ("" if b.compile is None else f" compiled-{b.compile}"),
         transformer_impl=resolve_transformer_impl(cfg.precision),
+        optimizer=describe_optimizer(optimizer),
         layout={"tp": b.tp, "pp": b.pp, "dp": dp, "world_size": world},
         num_microbatches=len(mbs),
         packing=b.packing,

@@ -4,7 +4,8 @@ On CUDA a tensor read by the host (``.item()``, ``.tolist()``, ``bool(t)``, ``.c
 data-dependent shape such as ``nonzero``) blocks the host until the GPU has run every queued
 kernel; so does a blocking host->device copy of a value the host made
 (``torch.tensor(x, device=...)``: PyTorch waits on the stream after a copy without
-``non_blocking``). On CPU none of them costs anything, but the calls are the same, so
+``non_blocking``), and ``torch.tensor([t1, t2, ...])`` of device tensors reads each of them
+(one count per tensor read). On CPU none of them costs anything, but the calls are the same, so
 :class:`HostSyncCounter` (a ``TorchFunctionMode``) records each of them with the line that made
 it and whose it is: the innermost ``mmcap`` or ``megatron`` frame of the call stack (the loss
 function megatron-core's schedule calls is mmcap's; the found-inf / grad-norm reads inside
@@ -62,26 +63,36 @@ def _to_target(args, kwargs):
     return None
 
 
+def _tensors_in(data) -> int:
+    """Number of tensors inside (nested) list / tuple ``data``."""
+    if isinstance(data, (list, tuple)):
+        return sum(1 if isinstance(x, torch.Tensor) else _tensors_in(x) for x in data)
+    return 0
+
+
 def _bool_index(args) -> bool:
     idx = args[1] if len(args) > 1 else None
     items = idx if isinstance(idx, tuple) else (idx,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
-def _counts(name: str, args, kwargs) -> bool:
+def _counts(name: str, args, kwargs) -> int:
+    """How many host reads the call makes (0: none)."""
     if name in _READS or name in _SHAPES:
-        return True
+        return 1
     if name == "to":
-        return _is_cpu(_to_target(args, kwargs)) and not kwargs.get("non_blocking", False)
+        return int(_is_cpu(_to_target(args, kwargs)) and not kwargs.get("non_blocking", False))
     if name in _CREATE:
-        return kwargs.get("device") is not None
+        # A named device makes a blocking copy; data holding device tensors (a list of 0-d
+        # results, as megatron-core's local grad-norm fallback builds) is read element by element.
+        held = _tensors_in(args[0] if args else None)
+        return held or int(kwargs.get("device") is not None)
     if name in ("__getitem__", "__setitem__"):
-        return _bool_index(args)
+        return int(_bool_index(args))
     if name == "repeat_interleave":
-        return isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) and (
-            kwargs.get("output_size") is None
-        )
-    return False
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return int(isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None)
+    return 0
 
 
 def _roots() -> dict[str, str]:
@@ -119,8 +130,9 @@ class HostSyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if _counts(name, args, kwargs):
-            self.syncs.append(Sync(name, *_owner(sys._getframe(1), self._roots)))
+        n = _counts(name, args, kwargs)
+        if n:
+            self.syncs.extend([Sync(name, *_owner(sys._getframe(1), self._roots))] * n)
         return func(*args, **kwargs)
 
     def count(self, owner: str | None = None) -> int:

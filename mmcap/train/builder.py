@@ -143,7 +143,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         n = compile_layers(chunks, backend=cfg.compile.backend)
         log.info("torch.compile (%s): %d transformer layers", cfg.compile.backend, n)
     ddp = wrap_model(chunks, grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32)
-    optimizer = build_optimizer(ddp, optimizer_config(cfg), cfg.optim.weight_decay_rule)
+    optimizer = build_optimizer(
+        ddp, optimizer_config(cfg), cfg.optim.weight_decay_rule, cfg.optim.implementation
+    )
     scheduler = build_scheduler(cfg, optimizer)
     validator.chunks = ddp
     # A feature cache replaces the vision tower: its FLOPs are not spent.

@@ -104,11 +104,17 @@ def _torch_adam_step_fix(optimizer):
         for opt, original in patched:
             opt._set_main_param_and_optimizer_states = original
     # The same loader puts ONE shared ``step`` tensor into every parameter's state; torch Adam
-    # increments it in place once per parameter, so each state needs its own copy.
+    # increments it in place once per parameter, so each state needs its own copy; the fused
+    # kernel (optim.implementation) needs it on the parameter's device, in float32.
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
+        fused = {id(p) for g in opt.optimizer.param_groups if g.get("fused") for p in g["params"]}
+        for param, state in opt.optimizer.state.items():
             if "step" in state and torch.is_tensor(state["step"]):
-                state["step"] = state["step"].clone()
+                step = state["step"]
+                if id(param) in fused:
+                    state["step"] = step.to(param.device, torch.float32, copy=True)
+                else:
+                    state["step"] = step.clone()
 
 
 def _init_states_for_loading(optimizer) -> None:

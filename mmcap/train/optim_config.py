@@ -32,6 +32,9 @@ class OptimConfig:
             batch, the same gradient for every layout. "per_microbatch" (official, HF Trainer
             with gradient accumulation): each micro-batch's token mean, averaged over
             micro-batches and data-parallel ranks (samples in short micro-batches weigh more).
+        implementation: how torch's AdamW runs when megatron-core falls back to it (no
+            Transformer Engine / apex, whose FusedAdam is always fused): "fused" (default),
+            "foreach" or "for-loop" (:func:`mmcap.train.step.set_adam_implementation`).
     """
 
     lr: float = 1e-4
@@ -48,6 +51,7 @@ class OptimConfig:
     override_scheduler: bool = False
     weight_decay_rule: str = "megatron"
     loss_averaging: str = "global_token"
+    implementation: str = "fused"
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -62,6 +66,11 @@ class OptimConfig:
             self.loss_averaging in ("global_token", "per_microbatch"),
             "optim.loss_averaging",
             f"must be global_token or per_microbatch, got {self.loss_averaging!r}",
+        )
+        require(
+            self.implementation in ("fused", "foreach", "for-loop"),
+            "optim.implementation",
+            f"must be fused, foreach or for-loop, got {self.implementation!r}",
         )
         require(
             self.decay_style in ("cosine", "linear", "constant"),

@@ -26,6 +26,7 @@ from mmcap.config import IGNORE_INDEX
 from mmcap.data.prompts import ALL_KEYS
 from mmcap.model.stage_io import MicroBatch, run_schedule
 from mmcap.parallel import cuda_factories_on_cpu
+from mmcap.parallel.multi_tensor import install_multi_tensor_fallbacks
 from mmcap.train.data import current_device
 from mmcap.train.step_stats import HostStats, StepStats, reduce_step_stats
 
@@ -67,22 +68,98 @@ def official_weight_decay_overrides(ddp_chunks) -> dict:
     return {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0}}  # a ParamGroupOverride
 
 
+ADAM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+
+def set_adam_implementation(optimizer, implementation: str) -> str:
+    """Choose how torch's AdamW runs inside megatron-core's optimizer (torchtitan's
+    ``optimizer.implementation``):
+
+    - "fused": torch's fused AdamW kernel, the whole update in one multi-tensor pass and no
+      temporaries the size of the optimizer state;
+    - "foreach": torch's default on CUDA, a few multi-tensor kernels per update term, each
+      allocating its result;
+    - "for-loop": one kernel per parameter and term (torch's default on CPU).
+
+    megatron-core builds torch's AdamW without choosing, i.e. foreach on CUDA and for-loop on
+    CPU. Must run before the first step (the fused kernel keeps Adam's ``step`` counters on the
+    parameters' device). With Transformer Engine or apex installed megatron-core uses their
+    FusedAdam, which is always fused: nothing is changed then.
+
+    Args:
+        optimizer: megatron-core's optimizer (a ChainedOptimizer or one optimizer).
+        implementation: one of :data:`ADAM_IMPLEMENTATIONS`.
+
+    Returns:
+        What runs: ``implementation``, or the class name of an optimizer left as built (TE's /
+        apex's FusedAdam, SGD).
+
+    Raises:
+        ValueError: an unknown implementation, or an optimizer that has stepped already.
+    """
+    if implementation not in ADAM_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Adam implementation must be one of {ADAM_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    ran = implementation
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            ran = type(inner).__name__  # TE / apex FusedAdam, SGD
+            continue
+        if any(len(state) for state in inner.state.values()):
+            raise ValueError("set the Adam implementation before the optimizer's first step")
+        for group in [*inner.param_groups, inner.defaults]:
+            group["fused"] = implementation == "fused"
+            group["foreach"] = implementation == "foreach"
+        # As torch's constructor does for fused=True (the kernel takes a grad scaler's state).
+        inner._step_supports_amp_scaling = implementation == "fused"
+    return ran
+
+
+def describe_optimizer(optimizer) -> str:
+    """What steps the parameters, e.g. "torch AdamW fused" or "FusedAdam" (TE / apex);
+    "torch AdamW default" is torch's own choice (foreach on CUDA, for-loop on CPU)."""
+    names = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        name = type(inner).__name__
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            group = inner.param_groups[0] if inner.param_groups else inner.defaults
+            fused, foreach = group.get("fused"), group.get("foreach")
+            how = "fused" if fused else "foreach" if foreach else "for-loop"
+            name = f"torch {name} " + ("default" if fused is None and foreach is None else how)
+        if name not in names:
+            names.append(name)
+    return " + ".join(names)
+
+
 def build_optimizer(
-    ddp_chunks, optimizer_config: OptimizerConfig, weight_decay_rule: str = "megatron"
+    ddp_chunks,
+    optimizer_config: OptimizerConfig,
+    weight_decay_rule: str = "megatron",
+    implementation: str = "fused",
 ):
     """megatron-core optimizer; wires its loss scaling and grad finalisation into the config.
+
+    Without apex / Transformer Engine, megatron-core's grad-norm and scale fallbacks are
+    replaced by sync-free ``_foreach`` ones (:mod:`mmcap.parallel.multi_tensor`) and torch's
+    AdamW runs as ``implementation`` (:func:`set_adam_implementation`).
 
     Args:
         weight_decay_rule: "megatron" (megatron-core's default: no decay for biases and 1-D
             parameters) or "official" (:func:`official_weight_decay_overrides`).
+        implementation: "fused" (default), "foreach" or "for-loop" (``optim.implementation``).
     """
     overrides = None
     if weight_decay_rule == "official":
         overrides = official_weight_decay_overrides(ddp_chunks)
     elif weight_decay_rule != "megatron":
         raise ValueError(f"weight_decay_rule must be megatron or official, got {weight_decay_rule!r}")
+    install_multi_tensor_fallbacks()
     with cuda_factories_on_cpu():
         opt = get_megatron_optimizer(optimizer_config, ddp_chunks, config_overrides=overrides)
+    set_adam_implementation(opt, implementation)
     cfg = ddp_chunks[0].config
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.grad_scale_func = opt.scale_loss

@@ -3,8 +3,9 @@
 - budget: one trainer step (:func:`mmcap.train.loop.run_step` and the loop's validation /
   checkpoint checks) of the debug model makes at most :data:`SYNC_BUDGET` reads of mmcap's own
   that would block the host on CUDA (:class:`mmcap.testing.syncs.HostSyncCounter`), on one
-  rank and on PP=2 x DP=2; megatron-core's optimizer reads (found-inf, grad norm, the
-  per-token loss scaling) are counted apart and not bounded here;
+  rank and on PP=2 x DP=2; megatron-core's reads (found-inf, the total grad norm, the per-token
+  loss scaling) are counted apart, at most :data:`MEGATRON_SYNC_BUDGET` (no read per gradient:
+  :mod:`mmcap.parallel.multi_tensor`);
 - semantics: :func:`reduce_step_stats`'s one world all-reduce gives what the former DP / PP /
   world reductions gave (loss and per-key sums of the last stage over DP, counts over DP,
   decode failures / TP and signals over the world, elapsed minutes max) for TP2xDP2, PP2xDP2,
@@ -27,6 +28,12 @@ from mmcap.testing.syncs import HostSyncCounter
 # The loss / skip decision needs the global loss on the host before the optimizer step: one
 # read. Everything else of the step is reduced with it (mmcap/train/step_stats.py).
 SYNC_BUDGET = 1
+# megatron-core's own reads: the token count's ``> 0`` (finalize_model_grads), found-inf and the
+# total gradient norm. Its local grad-norm fallback read every gradient's norm as well (49 more
+# on this model; mmcap.parallel.multi_tensor replaces it). Not counted: the RNG tracker's
+# comparison of CPU generator states (tensor_parallel/random.py), host tensors on CUDA too.
+MEGATRON_SYNC_BUDGET = 3
+_HOST_ONLY_SITES = ("megatron/core/tensor_parallel/random.py:",)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +99,10 @@ def _count_steps(dataset, save, extra):
     finally:
         os.environ.pop("MMCAP_FUSED_OPS_ON_CPU")
         parallel_state.destroy_model_parallel()
+    megatron = [s for s in counter.syncs if s.owner == "megatron.core"]
     return (
         counter.count("mmcap"),
-        counter.count("megatron.core"),
+        sum(1 for s in megatron if not s.site.startswith(_HOST_ONLY_SITES)),
         counter.table(),
         state.consumed_samples,
     )
@@ -116,6 +124,7 @@ def test_training_step_stays_within_the_sync_budget(world1, world4, dataset, tmp
         print(f"{name} rank {rank}: mmcap {mine}, megatron-core {megatron}\n{table}")
         assert consumed == 16, consumed  # the counts went through the one reduction
         assert mine <= SYNC_BUDGET, f"rank {rank}: {mine} host syncs of mmcap's own\n{table}"
+        assert megatron <= MEGATRON_SYNC_BUDGET, f"rank {rank}: {megatron} megatron-core\n{table}"
 
 
 def _reduce(layout: dict, seed: int, flag_rank: int | None = None):
@@ -222,9 +231,10 @@ def test_counter_counts_what_blocks_the_host_on_cuda():
         x[x > 2]
         torch.tensor([1.0], device="cpu")  # a host value made into a device tensor
         _ = f"{x[1]:.2f}"
+        torch.tensor([x.sum(), x.max()])  # device scalars, read one by one
     assert [s.kind for s in c.syncs] == [
         "item", "tolist", "__bool__", "__float__", "cpu", "to", "nonzero", "__getitem__",
-        "tensor", "__format__",
+        "tensor", "__format__", "tensor", "tensor",
     ]  # fmt: skip
     assert {s.owner for s in c.syncs} == {"other"}  # called from tests/, not mmcap
     with HostSyncCounter() as c:
