@@ -141,6 +141,7 @@ class CaptioningModel(MegatronModule):
         image_tokens: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         packed=None,
+        image_rows=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision tower (unless precomputed ``image_tokens`` are given) + BART encoder.
 
@@ -148,6 +149,10 @@ class CaptioningModel(MegatronModule):
         image in a MIXED batch: the others (text-only translations) are encoded from their
         prompt alone, exactly as on their own, and placed behind ``n`` masked rows, so the
         output keeps the layout [n image rows ; prompt rows] of the batch.
+
+        ``image_rows`` (:class:`mmcap.model.stage_io.ImageRows`): the same split as index
+        tensors cut on the host; without them it is read from ``has_image`` on the device
+        (``nonzero``: a host sync on CUDA).
 
         ``packed`` (:class:`mmcap.model.stage_io.PackedDocs`): packed rows; ``pixel_values`` /
         ``image_tokens`` then hold the rows' images in order ([m, ...], placed at
@@ -160,7 +165,11 @@ class CaptioningModel(MegatronModule):
                 image_tokens = self.vision(pixel_values.to(self.config.params_dtype))
             return self.encoder(prompt_ids, prompt_mask, image_tokens, packed=packed)
         has_images = pixel_values is not None or image_tokens is not None
-        if not has_images or has_image is None or bool(has_image.all()):
+        if image_rows is not None:  # shapes, not values: no host read
+            all_have = image_rows.text.numel() == 0
+        else:
+            all_have = has_image is None or bool(has_image.all())
+        if not has_images or all_have:
             if image_tokens is None and pixel_values is not None:
                 image_tokens = self.vision(pixel_values.to(self.config.params_dtype))
             return self.encoder(prompt_ids, prompt_mask, image_tokens)
@@ -168,8 +177,11 @@ class CaptioningModel(MegatronModule):
         if prompt_mask is None:
             prompt_mask = torch.ones(b, s_p, dtype=torch.bool, device=prompt_ids.device)
         n = self.model_config.vision.num_image_tokens
-        img = torch.nonzero(has_image.to(prompt_ids.device)).flatten()
-        txt = torch.nonzero(~has_image.to(prompt_ids.device)).flatten()
+        if image_rows is not None:
+            img, txt = image_rows.image, image_rows.text
+        else:
+            img = torch.nonzero(has_image.to(prompt_ids.device)).flatten()
+            txt = torch.nonzero(~has_image.to(prompt_ids.device)).flatten()
         d = self.model_config.encoder.hidden_size
         parts = []
         if img.numel():
@@ -197,6 +209,7 @@ class CaptioningModel(MegatronModule):
         encoder_mask: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         packed=None,
+        image_rows=None,
     ):
         """Run this stage.
 
@@ -206,7 +219,8 @@ class CaptioningModel(MegatronModule):
             pixel_values: [b, 3, H, W] normalised images, or ``image_tokens`` [b, n, d]
                 precomputed by the frozen tower (feature cache). Neither = text only.
             has_image: bool [b] with images: which samples have one (mixed batches, see
-                :meth:`encode`); None = all.
+                :meth:`encode`); None = all. ``image_rows``: the same as host-cut indices
+                (:class:`mmcap.model.stage_io.ImageRows`), or None.
             labels: [b, s] targets (IGNORE_INDEX = no loss), last stage.
             encoder_mask: bool [b, S] (non-first stages: the first stage's encoder mask, which
                 the data pipeline rebuilds from the prompt mask and image token count; its
@@ -220,7 +234,7 @@ class CaptioningModel(MegatronModule):
         """
         if self.add_encoder:
             encoder_out, encoder_mask = self.encode(
-                prompt_ids, prompt_mask, pixel_values, image_tokens, has_image, packed
+                prompt_ids, prompt_mask, pixel_values, image_tokens, has_image, packed, image_rows
             )
         else:
             if self.input_tensor is None or encoder_mask is None:

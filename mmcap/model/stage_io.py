@@ -93,7 +93,9 @@ def build_encoder_mask(
     dev = prompt_mask.device
     img = torch.ones(b, num_image_tokens, dtype=torch.bool, device=dev)
     if has_image is not None and num_image_tokens:
-        img = img & has_image.to(dev).bool()[:, None]
+        if has_image.device != dev:
+            has_image = has_image.to(dev, non_blocking=True)
+        img = img & has_image.bool()[:, None]
     return torch.cat([img, prompt_mask.bool()], dim=1)
 
 
@@ -129,6 +131,16 @@ class PackedDocs:
 
 
 @dataclass
+class ImageRows:
+    """Which samples of a mixed micro-batch have an image, as index tensors cut on the host
+    (:func:`split_microbatches`): the encoder then splits the micro-batch without reading
+    ``has_image`` back from the device (``nonzero`` is a host sync on CUDA)."""
+
+    image: torch.Tensor  # int64 [k]: samples with an image, ascending
+    text: torch.Tensor  # int64 [b - k]: samples without one, ascending
+
+
+@dataclass
 class MicroBatch:
     """Tensors of one micro-batch (every pipeline stage gets the same object).
 
@@ -146,6 +158,7 @@ class MicroBatch:
     image_tokens: torch.Tensor | None = None  # [b, n, d] (feature cache)
     num_image_tokens: int = 0
     has_image: torch.Tensor | None = None  # bool [b] in mixed batches (None = all have one)
+    image_rows: ImageRows | None = None  # has_image as host-cut indices (mixed batches)
     key: torch.Tensor | None = None  # [b] task-language key ids (per-key loss logging)
     packed: PackedDocs | None = None  # packed rows (sequence packing)
 
@@ -179,6 +192,8 @@ def split_microbatches(
         has_image: bool [b] (every stage passes it: stages without the encoder get no pixels
             but need the image rows of the encoder mask); None = every sample has an image if
             pixels / features are given. Without any image the encoder sees the prompts alone.
+            A host tensor (the data pipeline's): mixed micro-batches also get it as
+            :class:`ImageRows` index tensors, so the encoder splits them without a host sync.
     """
     b = tokens.decoder_input_ids.shape[0]
     if micro_batch_size < 1 or b % micro_batch_size:
@@ -193,6 +208,13 @@ def split_microbatches(
     out = []
     for i in range(0, b, micro_batch_size):
         sl = slice(i, i + micro_batch_size)
+        rows = None
+        if mixed:
+            here = torch.as_tensor(has_image[sl]).cpu().bool()  # the host's copy: no sync
+            rows = ImageRows(
+                image=torch.nonzero(here).flatten().to(device),
+                text=torch.nonzero(~here).flatten().to(device),
+            )
         out.append(
             MicroBatch(
                 prompt_ids=tokens.encoder_input_ids[sl].to(device),
@@ -205,6 +227,7 @@ def split_microbatches(
                 else None,
                 num_image_tokens=n_img,
                 has_image=has_image[sl].to(device) if mixed else None,
+                image_rows=rows,
                 key=key[sl].to(device) if key is not None else None,
             )
         )
@@ -307,6 +330,7 @@ def make_forward_step(loss_fn: LossFn):
             labels=mb.labels,
             encoder_mask=mb.encoder_mask,
             has_image=mb.has_image,
+            image_rows=mb.image_rows,
             packed=mb.packed,
         )
         return out, partial(loss_fn, mb)

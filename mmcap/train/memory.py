@@ -27,6 +27,11 @@ weight gradient of the largest trainable tensor before it is added to the fp32 b
 the fused head's logits tile of one token chunk and its dlogits, or its dW cast in backward
 (last stage). The fused head's float32 dh and dW, held from forward to backward by its default
 forward-gradient strategy, are the "logits" part.
+The optimizer step runs after backward has freed the activations. The estimate assumes
+torch's fused AdamW (``optim.implementation`` default; TE's / apex's FusedAdam alike), which
+allocates nothing there; ``foreach`` allocates a float32 ``sqrt(exp_avg_sq)`` of the shard
+(4 bytes x trainable / DP: 9.4 GiB for the 11.2B model at DP=1, more than its micro-batch-1
+activations), not modelled.
 Not modelled (keep headroom): the CUDA context (~0.5 GiB), NCCL buffers, allocator
 fragmentation, data-loader pinned memory.
 """
