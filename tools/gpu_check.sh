@@ -2,8 +2,9 @@
 # The one-call GPU check (`make gpu-check`; shared/design/GPU.md): on a bare machine with CUDA
 # torch (python3) and NONE of mmcap's CPU venv, install the wheels carried in .whl/ (made here by
 # `make gpu-wheels`), build csrc/ if it holds extensions, run the gpu-marked tests, then the
-# training benchmark (florence-gemma-2-large, 224 px, 128/128 tokens, mmcap vs --compare hf;
-# florence-gemma-2-xlarge on one GPU), the attention back-ends (Gemma-2 2B / 9B shapes) and the
+# optimizer-step benchmark, the training benchmark (florence-gemma-2-large, 224 px, 128/128
+# tokens, mmcap vs --compare hf; florence-gemma-2-xlarge on one GPU), the attention back-ends
+# (Gemma-2 2B / 9B shapes) and the
 # image-decode benchmark; with MMCAP_GPU_CHECK_PACKING=1 also padded vs packed training, with
 # MMCAP_GPU_CHECK_COMPILE=1 also the large model with compiled layers and the kernels
 # benchmark with its torch.compile baselines; MMCAP_GPU_CHECK_BASE=0 skips the default stages
@@ -68,7 +69,7 @@ cd "$REPO" || exit 1
 
 # 1. Carried wheels (megatron-core and the small pure-Python packages CUDA images lack).
 if compgen -G ".whl/*.whl" > /dev/null; then
-  run wheels 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  run wheels 15 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target "$SITE" .whl/*.whl
 else
   echo "gpu_check: no wheels in .whl/ (run 'make gpu-wheels' on a machine with network)" >&2
@@ -98,8 +99,14 @@ fi
 # 3b. Fused kernels vs the unfused torch path, Liger's fused linear CE and Cut Cross-Entropy
 #     (carried wheels; Triton JIT on first use) (torch.compile baselines skipped: compile
 #     time). The JSON is rewritten after every row, so a cut-short run keeps its rows.
-base kernels-bench 60 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
+base kernels-bench 50 "$PY" tools/bench_kernels.py --iters 5 --warmup 2 --no-compile \
   --out "$OUT_DIR/kernels.json"
+
+# 3c. The optimizer step on the large model's 279 trainable tensors (1.1B parameters): torch
+#     AdamW fused / foreach / for-loop, megatron-core's Python-loop grad norm / clip scale
+#     against mmcap's _foreach ones (issue 13 item 6; no apex / TE on this machine).
+base optimizer-bench 25 "$PY" tools/bench_optimizer.py --preset florence-gemma-2-large \
+  --json "$OUT_DIR/optimizer.json"
 
 # 4. Training benchmarks (the issue's targets: bf16, 224 px, 128/128 tokens).
 BENCH=("$PY" tools/benchmark.py --image-size 224 --prompt-tokens 128 --target-tokens 128

@@ -30,6 +30,7 @@ def test_dry_run_lists_every_stage(tmp_path):
         "imports",
         "gpu-tests",
         "kernels-bench",
+        "optimizer-bench",
         "train-large",
         "attention-2b",
         "decode",
@@ -79,6 +80,9 @@ def test_dry_run_lists_every_stage(tmp_path):
         "train_large.json",
     ):
         assert flag in large, flag
+    optim = next(line for line in lines if "(optimizer-bench," in line)
+    assert "tools/bench_optimizer.py --preset florence-gemma-2-large" in optim
+    assert "optimizer.json" in optim
     xlarge = next(line for line in res.stdout.splitlines() if "(train-xlarge," in line)
     assert "florence-gemma-2-xlarge" in xlarge
     # The stage limits add up to the 8 minutes the check may take (+ a csrc/ build if any).
