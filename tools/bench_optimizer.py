@@ -35,17 +35,19 @@ def main(argv=None) -> int:
 
     from mmcap.bench.optimizer_bench import optimizer_table, run_optimizer_benchmark
     from mmcap.bench.report import environment, write_json
-    from mmcap.config import ConfigError, ParallelConfig
+    from mmcap.config import ConfigError, ParallelConfig, get_preset
     from mmcap.parallel import destroy_model_parallel, initialize_model_parallel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("florence-gemma-2-large" if device.type == "cuda" else "debug-gemma")
-    initialize_model_parallel(ParallelConfig(), seed=None)  # parameters are counted at TP=PP=1
     try:
-        result = run_optimizer_benchmark(preset, device, args.steps, args.warmup)
+        get_preset(preset)
     except (ConfigError, KeyError) as e:
         print(f"bench_optimizer: {e}", file=sys.stderr)
         return 2
+    initialize_model_parallel(ParallelConfig(), seed=None)  # parameters are counted at TP=PP=1
+    try:
+        result = run_optimizer_benchmark(preset, device, args.steps, args.warmup)
     finally:
         destroy_model_parallel()
     print(optimizer_table(result))
