@@ -20,6 +20,7 @@ from megatron.core import dist_checkpointing
 from mmcap.config import ModelConfig
 from mmcap.config.errors import CheckpointError
 from mmcap.config.serialize import model_config_from_dict, model_config_to_dict
+from mmcap.parallel.lifetime import checkpoint_writer_dies_with_parent
 
 CONFIG_FILE = "mmcap_model.json"
 
@@ -59,6 +60,7 @@ def save_model_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed save
         partial.mkdir(parents=True)
     _barrier()
+    checkpoint_writer_dies_with_parent()  # megatron-core's writer server, if it starts one
     dist_checkpointing.save(model.sharded_state_dict(), str(partial))
     _barrier()
     if _rank() == 0:

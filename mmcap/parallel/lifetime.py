@@ -43,3 +43,36 @@ def forkserver_dies_with_parent() -> None:
     mp.get_context("forkserver").set_forkserver_preload(
         ["__main__", "mmcap.parallel._lifetime_preload"]
     )
+
+
+def checkpoint_writer_dies_with_parent() -> None:
+    """Make megatron-core's checkpoint writer server die with the rank that started it.
+
+    megatron-core's distributed-checkpoint writer (``dist_checkpointing.strategies.
+    filesystem_async``, the default ``torch_dist`` save) starts a multiprocessing ``Manager``
+    server ("spawn") on each writing rank at the rank's first save, to carry the write results.
+    A rank that exits normally shuts it down; a rank killed with SIGKILL (kill -9, the OOM
+    killer, a preempted node's launcher) leaves it running for good, ~0.3 GB each. This starts
+    that server itself, with :func:`die_with_parent` as its initializer, where megatron-core
+    would start it; call before saving (idempotent; nothing to do once megatron-core has made
+    its own). PR_SET_PDEATHSIG follows the creating thread: save from the main thread, as
+    mmcap does."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa._get_write_results_queue, "_mmcap_dies_with_parent", False):
+        return
+    if fa._results_queue is not None:  # megatron-core's own server exists already
+        return
+
+    def get_write_results_queue():
+        if fa._results_queue is None:
+            import multiprocessing as mp
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=die_with_parent)
+            fa._results_queue = manager.Queue()  # the proxy keeps the manager alive
+        return fa._results_queue
+
+    get_write_results_queue._mmcap_dies_with_parent = True
+    fa._get_write_results_queue = get_write_results_queue

@@ -36,6 +36,7 @@ from mmcap.checkpoint.run_dir import (  # noqa: F401 - the resume finder, re-exp
 from mmcap.config import ModelConfig
 from mmcap.config.serialize import model_config_to_dict
 from mmcap.parallel import cuda_factories_on_cpu
+from mmcap.parallel.lifetime import checkpoint_writer_dies_with_parent
 
 log = logging.getLogger("mmcap.train")
 
@@ -262,6 +263,7 @@ def save_train_state(
     except OSError as e:
         err = e
     if not _agree(err is not None):
+        checkpoint_writer_dies_with_parent()  # megatron-core's writer server, if it starts one
         try:
             with cuda_factories_on_cpu():
                 dist_checkpointing.save(

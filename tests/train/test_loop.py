@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mmcap.testing import DistributedWorkers
@@ -156,7 +157,8 @@ def reference_run(dataset, tmp_path_factory, world2):
 
 def test_kill9_resume_is_bit_identical(dataset, reference_run, tmp_path):
     """Real torchrun processes, killed with SIGKILL, resumed: equal (bit for bit) to the
-    in-process reference run, which also shows both tiers run the same computation."""
+    in-process reference run, which also shows both tiers run the same computation; no
+    process of the killed run outlives it."""
     steps = STEPS
     want = _losses(reference_run)
     assert sorted(want) == list(range(1, steps + 1))
@@ -171,8 +173,16 @@ def test_kill9_resume_is_bit_identical(dataset, reference_run, tmp_path):
         assert p.poll() is None, (
             "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()
         )
+        # Every process of the run: the ranks and, since a save happened, each writing rank's
+        # megatron-core checkpoint-writer server (a "spawn" Manager, which outlived a SIGKILLed
+        # rank before mmcap.parallel.lifetime.checkpoint_writer_dies_with_parent).
+        procs = psutil.Process(p.pid).children(recursive=True)
+        servers = [x for x in procs if "spawn_main" in " ".join(x.cmdline())]
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+    assert servers, [x.cmdline()[-3:] for x in procs]  # the case this checks happened
+    gone, alive = psutil.wait_procs(procs, timeout=20)
+    assert not alive, [(x.pid, x.cmdline()[-3:]) for x in alive]
     killed_at = max(_losses(run))
     assert killed_at < steps, "killed too late to test a resume"
     rc, out = _run(cmd + ["--resume", "auto"], tmp_path / "resumed.log")
