@@ -20,6 +20,8 @@ import warnings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from mmcap.train.optim_config import ADAM_IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="debug-gemma")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--optimizer-implementation",
         default="fused",
-        choices=["fused", "foreach", "for-loop"],
+        choices=ADAM_IMPLEMENTATIONS,
         help="torch AdamW's optim.implementation when megatron-core falls back to it (no TE / "
         "apex, whose FusedAdam is always fused)",
     )

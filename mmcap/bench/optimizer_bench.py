@@ -19,9 +19,7 @@ import torch
 
 from mmcap.parallel import cuda_factories_on_cpu
 
-__all__ = ["ADAM_IMPLEMENTATIONS", "run_optimizer_benchmark", "trainable_numels"]
-
-ADAM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+__all__ = ["optimizer_table", "run_optimizer_benchmark", "trainable_numels"]
 
 
 def trainable_numels(preset: str) -> list[int]:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from mmcap.config import require
 
+# How torch's AdamW runs when megatron-core falls back to it (optim.implementation).
+ADAM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
 
 @dataclass
 class OptimConfig:
@@ -68,7 +71,7 @@ class OptimConfig:
             f"must be global_token or per_microbatch, got {self.loss_averaging!r}",
         )
         require(
-            self.implementation in ("fused", "foreach", "for-loop"),
+            self.implementation in ADAM_IMPLEMENTATIONS,
             "optim.implementation",
             f"must be fused, foreach or for-loop, got {self.implementation!r}",
         )

@@ -28,6 +28,7 @@ from mmcap.model.stage_io import MicroBatch, run_schedule
 from mmcap.parallel import cuda_factories_on_cpu
 from mmcap.parallel.multi_tensor import install_multi_tensor_fallbacks
 from mmcap.train.data import current_device
+from mmcap.train.optim_config import ADAM_IMPLEMENTATIONS
 from mmcap.train.step_stats import HostStats, StepStats, reduce_step_stats
 
 
@@ -66,9 +67,6 @@ def official_weight_decay_overrides(ddp_chunks) -> dict:
         name="official_no_decay", fn=lambda p, name: "bias" in name or id(p) in layernorm
     )
     return {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0}}  # a ParamGroupOverride
-
-
-ADAM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 
 
 def set_adam_implementation(optimizer, implementation: str) -> str:
