@@ -69,7 +69,7 @@ def official_weight_decay_overrides(ddp_chunks) -> dict:
     return {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0}}  # a ParamGroupOverride
 
 
-def set_adam_implementation(optimizer, implementation: str) -> str:
+def set_adam_implementation(optimizer, implementation: str) -> None:
     """Choose how torch's AdamW runs inside megatron-core's optimizer (torchtitan's
     ``optimizer.implementation``):
 
@@ -82,15 +82,12 @@ def set_adam_implementation(optimizer, implementation: str) -> str:
     megatron-core builds torch's AdamW without choosing, i.e. foreach on CUDA and for-loop on
     CPU. Must run before the first step (the fused kernel keeps Adam's ``step`` counters on the
     parameters' device). With Transformer Engine or apex installed megatron-core uses their
-    FusedAdam, which is always fused: nothing is changed then.
+    FusedAdam, which is always fused: nothing is changed then (:func:`describe_optimizer`
+    says what runs).
 
     Args:
         optimizer: megatron-core's optimizer (a ChainedOptimizer or one optimizer).
         implementation: one of :data:`ADAM_IMPLEMENTATIONS`.
-
-    Returns:
-        What runs: ``implementation``, or the class name of an optimizer left as built (TE's /
-        apex's FusedAdam, SGD).
 
     Raises:
         ValueError: an unknown implementation, or an optimizer that has stepped already.
@@ -99,12 +96,10 @@ def set_adam_implementation(optimizer, implementation: str) -> str:
         raise ValueError(
             f"Adam implementation must be one of {ADAM_IMPLEMENTATIONS}, got {implementation!r}"
         )
-    ran = implementation
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            ran = type(inner).__name__  # TE / apex FusedAdam, SGD
-            continue
+            continue  # TE / apex FusedAdam, SGD: left as built
         if any(len(state) for state in inner.state.values()):
             raise ValueError("set the Adam implementation before the optimizer's first step")
         for group in [*inner.param_groups, inner.defaults]:
@@ -112,7 +107,6 @@ def set_adam_implementation(optimizer, implementation: str) -> str:
             group["foreach"] = implementation == "foreach"
         # As torch's constructor does for fused=True (the kernel takes a grad scaler's state).
         inner._step_supports_amp_scaling = implementation == "fused"
-    return ran
 
 
 def describe_optimizer(optimizer) -> str:
