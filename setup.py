@@ -3,6 +3,13 @@
 Set MMCAP_SKIP_CUDA_BUILD=1 to skip them (CPU machines, CI). Each csrc/<op>/ folder holds one
 extension: ``*_api.cpp`` bindings + ``*.cu`` kernels, built as ``mmcap_<op>_cuda``; folders
 without sources (csrc/common/: shared headers) are skipped.
+
+Two switches for building fewer things (tools/build_kernels.py, which builds the ops
+concurrently, sets them):
+
+- ``MMCAP_CUDA_OPS=rmsnorm,geglu``: only these ops (default: every csrc/<op>/ with sources);
+- ``MMCAP_CUDA_ARCHS=90`` (or ``80,90``): device code for these compute capabilities instead
+  of csrc/nvcc_flags.txt's sm_80 + sm_90.
 """
 
 import glob
@@ -15,7 +22,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def nvcc_flags():
     with open(os.path.join(HERE, "csrc", "nvcc_flags.txt")) as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        flags = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    archs = os.environ.get("MMCAP_CUDA_ARCHS", "").replace(" ", "")
+    if not archs:
+        return flags
+    if not all(a.isdigit() and len(a) in (2, 3) for a in archs.split(",")):
+        raise SystemExit(f"MMCAP_CUDA_ARCHS={archs!r}: use compute capabilities like 90 or 80,90")
+    kept = []
+    it = iter(flags)
+    for flag in it:
+        if flag == "-gencode":
+            next(it, None)  # drop the file's "-gencode arch=...,code=..." pairs
+        else:
+            kept.append(flag)
+    for a in archs.split(","):
+        kept += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return kept
+
+
+def op_sources():
+    """{op: [sources relative to HERE]} of the csrc/<op>/ folders to build (MMCAP_CUDA_OPS)."""
+    found = {}
+    for op_dir in sorted(glob.glob(os.path.join(HERE, "csrc", "*", ""))):
+        op = os.path.basename(os.path.dirname(op_dir))
+        sources = sorted(
+            glob.glob(os.path.join(op_dir, "*.cpp")) + glob.glob(os.path.join(op_dir, "*.cu"))
+        )
+        if sources:
+            found[op] = [os.path.relpath(s, HERE) for s in sources]
+    wanted = [o for o in os.environ.get("MMCAP_CUDA_OPS", "").replace(" ", "").split(",") if o]
+    unknown = sorted(set(wanted) - set(found))
+    if unknown:
+        raise SystemExit(
+            f"MMCAP_CUDA_OPS: no csrc/<op>/ sources for {unknown}; ops: {sorted(found)}"
+        )
+    return {o: found[o] for o in wanted} if wanted else found
 
 
 def cuda_extensions():
@@ -30,17 +71,11 @@ def cuda_extensions():
         print("mmcap: no CUDA toolkit / CUDA torch found; skipping csrc/ extensions")
         return [], {}
     exts = []
-    for op_dir in sorted(glob.glob(os.path.join(HERE, "csrc", "*", ""))):
-        op = os.path.basename(os.path.dirname(op_dir))
-        sources = sorted(
-            glob.glob(os.path.join(op_dir, "*.cpp")) + glob.glob(os.path.join(op_dir, "*.cu"))
-        )
-        if not sources:
-            continue
+    for op, sources in op_sources().items():
         exts.append(
             CUDAExtension(
                 name=f"mmcap_{op}_cuda",
-                sources=[os.path.relpath(s, HERE) for s in sources],
+                sources=sources,
                 # One flag list for this build and the CPU compile check
                 # (tools/check_kernels_compile.py). No --use_fast_math: the soft-cap and
                 # softmax need precise tanhf / expf to meet the tests' tolerances. No -std:

@@ -82,9 +82,12 @@ export PYTHONUNBUFFERED=1
 #     packages shows up here, not as a failure deep inside a benchmark).
 run imports 30 "$PY" -m mmcap.bench.imports
 
-# 2. csrc/ extensions, if any folder holds sources (never replaces the machine's torch: --no-deps).
+# 2. csrc/ extensions, if any folder holds sources: every op at once, for this GPU's arch only
+#    (tools/build_kernels.py; `pip install -e .` built them one by one for sm_80 + sm_90 in
+#    111 s on 2026-11-29), in place (the repo is on PYTHONPATH). If that fails, the pip build
+#    (--no-deps: never replaces the machine's torch).
 if compgen -G "csrc/*/*.cu" > /dev/null || compgen -G "csrc/*/*.cpp" > /dev/null; then
-  run csrc 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  run csrc 120 "$PY" tools/build_kernels.py --arch native --fallback-pip
 fi
 
 # 3. GPU-marked tests: only the files that carry the marker are collected, so a test module
