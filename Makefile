@@ -67,7 +67,7 @@ gpu-wheels:
 
 # The one-call GPU check (on the GPU machine: its own python3 with CUDA torch, not this venv):
 # wheels from .whl/, csrc/ build, `pytest -m gpu`, training / attention / decode benchmarks,
-# all output under $$OUT (or GPU_CHECK_OUT) within ~8 minutes.
+# all output under $$OUT (or GPU_CHECK_OUT) within 10 minutes (the device tool's limit per call).
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu_check_out)
 gpu-check:
 	bash tools/gpu_check.sh --out $(GPU_CHECK_OUT)
