@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -65,17 +66,33 @@ def nvcc_flags() -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
-def run(cmd: list[str], what: str) -> bool:
+def run(cmd: list[str], what: str, log: list[str]) -> bool:
+    """Run ``cmd``; append its one-line result (and its output on failure) to ``log``."""
     start = time.monotonic()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     took = time.monotonic() - start
     status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-    print(f"{what}: {status} in {took:.1f} s", flush=True)
+    log.append(f"{what}: {status} in {took:.1f} s")
     if proc.returncode != 0:
-        print(proc.stdout + proc.stderr, flush=True)
+        log.append(proc.stdout + proc.stderr)
     elif summary := resource_summary(proc.stdout + proc.stderr):
-        print(f"  {summary}", flush=True)
+        log.append(f"  {summary}")
     return proc.returncode == 0
+
+
+def run_all(jobs: list, workers: int) -> bool:
+    """Run the ``(fn, *args)`` jobs (each ``fn(*args, log) -> bool``) on ``workers`` threads
+    (they wait on compilers); print each job's log in the jobs' order. True if all passed."""
+    def one(job):
+        log: list[str] = []
+        return job[0](*job[1:], log), log
+
+    ok = True
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for passed, log in pool.map(one, jobs):
+            print("\n".join(log), flush=True)
+            ok &= passed
+    return ok
 
 
 def resource_summary(ptxas_log: str) -> str:
@@ -144,30 +161,33 @@ def unexpected_undefined(ld_output: str) -> list[str]:
     return sorted(m for m in missing if not m.startswith(LEFT_TO_GPU + PYTHON_API))
 
 
-def check_binding(op: str, src: str, kernel_objs: list[str], cuda_root: str, out: str) -> bool:
+def check_binding(
+    op: str, src: str, kernel_objs: list[str], cuda_root: str, flags: list[str], out: str,
+    log: list[str],
+) -> bool:
     """Compile, link (twice: the module, then ``-z defs`` for the symbol audit) and probe."""
     cxx = shutil.which("c++") or "c++"
     name = f"mmcap_{op}_cuda"
     obj = os.path.join(out, f"{name}_api.o")
     so = os.path.join(out, name + sysconfig.get_config_var("EXT_SUFFIX"))
-    flags = _torch_cxx_flags(cuda_root, os.path.join(out, "shim"))
     rel = os.path.relpath(src, ROOT)
     if not run([cxx, *flags, "-O0", f"-DTORCH_EXTENSION_NAME={name}", "-c", src, "-o", obj],
-               f"c++ {rel} (CPU torch headers)"):  # fmt: skip
+               f"c++ {rel} (CPU torch headers)", log):  # fmt: skip
         return False
     link = [cxx, "-shared", obj, *kernel_objs, *_link_flags(cuda_root)]
-    if not run([*link, "-o", so], f"link {name}"):
+    if not run([*link, "-o", so], f"link {name}", log):
         return False
     audit = subprocess.run([*link, "-Wl,-z,defs", "-o", so + ".defs"], capture_output=True,
                            text=True, check=False)  # fmt: skip
     if bad := unexpected_undefined(audit.stdout + audit.stderr):
-        print(f"link {name}: FAILED: undefined outside torch / cudart / its kernels:", flush=True)
-        print("  " + "\n  ".join(bad), flush=True)
+        log.append(f"link {name}: FAILED: undefined outside torch / cudart / its kernels:")
+        log.append("  " + "\n  ".join(bad))
         return False
     if op not in CALLS:
-        print(f"probe {name}: FAILED: no CALLS entry in {os.path.relpath(__file__, ROOT)}")
+        log.append(f"probe {name}: FAILED: no CALLS entry in {os.path.relpath(__file__, ROOT)}")
         return False
-    return run([sys.executable, os.path.abspath(__file__), "--probe", op, so], f"import {name}")
+    probe_cmd = [sys.executable, os.path.abspath(__file__), "--probe", op, so]
+    return run(probe_cmd, f"import {name}", log)
 
 
 def probe(op: str, so: str) -> int:
@@ -211,15 +231,15 @@ def main() -> int:
     sources = sorted(glob.glob(os.path.join(CSRC, "*", "*.cu")))
     if not sources:
         sys.exit(f"check_kernels_compile: no .cu files under {CSRC}")
-    ok = True
+    workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="mmcap_kernels_") as out:
         objs: dict[str, list[str]] = {}
+        jobs = []
         for src in sources:
             rel = os.path.relpath(src, ROOT)
             obj = os.path.join(out, rel.replace(os.sep, "_") + ".o")
-            ok &= run(
-                [nvcc, *nvcc_flags(), *TORCH_NVCC, *STRICT, "-c", src, "-o", obj], f"nvcc {rel}"
-            )
+            cmd = [nvcc, *nvcc_flags(), *TORCH_NVCC, *STRICT, "-c", src, "-o", obj]
+            jobs.append((run, cmd, f"nvcc {rel}"))
             objs.setdefault(os.path.basename(os.path.dirname(src)), []).append(obj)
         # The bindings are built by the host compiler and include each op's header: it must
         # not expose device-only code (~1 s per header).
@@ -229,11 +249,14 @@ def main() -> int:
                 continue
             cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-x", "c++",
                    f"-I{cuda_root}/include", "-include", hdr, os.devnull]  # fmt: skip
-            ok &= run(cmd, f"c++ host header {os.path.relpath(hdr, ROOT)}")
+            jobs.append((run, cmd, f"c++ host header {os.path.relpath(hdr, ROOT)}"))
+        ok = run_all(jobs, workers)
         if ok and not args.no_bindings:
-            for src in sorted(glob.glob(os.path.join(CSRC, "*", "*_api.cpp"))):
-                op = os.path.basename(os.path.dirname(src))
-                ok &= check_binding(op, src, objs.get(op, []), cuda_root, out)
+            flags = _torch_cxx_flags(cuda_root, os.path.join(out, "shim"))
+            bindings = sorted(glob.glob(os.path.join(CSRC, "*", "*_api.cpp")))
+            ops = [os.path.basename(os.path.dirname(src)) for src in bindings]
+            ok = run_all([(check_binding, op, src, objs.get(op, []), cuda_root, flags, out)
+                          for op, src in zip(ops, bindings, strict=True)], workers)  # fmt: skip
     print("all kernels compiled" if ok else "kernel compile check FAILED", flush=True)
     return 0 if ok else 1
 
