@@ -21,7 +21,7 @@ test: $(STAMP) check-kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Compile every csrc/<op>/*.cu for sm_80 and sm_90 with the pip CUDA toolkit (no GPU needed;
-# KERNELS.md), then build, link and import every binding against the CPU torch (~70 s on 2
+# KERNELS.md), then build, link and import every binding against the CPU torch (~45 s on 2
 # cores in all). A kernel or binding that does not compile or link, or spills, fails `make test`.
 KERNEL_STAMP := $(VENV)/.mmcap-cuda-toolkit
 $(KERNEL_STAMP): requirements-kernels.txt $(STAMP)
