@@ -94,7 +94,10 @@ fi
 #    importing a CPU-venv-only package (tensorboard, ...) cannot break the collection here.
 mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
 if [ ${#GPU_TEST_FILES[@]} -gt 0 ]; then
-  base gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
+  # -v: one line per test as it finishes, so a run cut short by the limit still names each
+  # result (~70 tests in 8 files; 71 s for the 5 files of 2026-11-29).
+  base gpu-tests 90 "$PY" -m pytest -v -p no:cacheprovider -m gpu --durations=10 \
+    "${GPU_TEST_FILES[@]}"
 else
   say "gpu_check: no gpu-marked tests found"
 fi
