@@ -351,7 +351,6 @@ class MmcapCaptionerForConditionalGeneration(MmcapCaptionerPreTrainedModel, Gene
         )
 
     # --- generation hooks -------------------------------------------------------------------
-
     def _maybe_prepare_encoder_kwargs_for_generation(
         self,
         inputs_tensor: torch.Tensor,
