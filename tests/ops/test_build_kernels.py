@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import setuptools
 
+from tools.build_kernels import discover_ops
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "build_kernels.py"
 OPS = sorted(p.parent.name for p in (REPO / "csrc").glob("*/*_api.cpp"))
@@ -53,6 +55,7 @@ def test_setup_ops_switch(setup_py, monkeypatch):
     monkeypatch.delenv("MMCAP_CUDA_OPS", raising=False)
     every = setup_py["op_sources"]()
     assert sorted(every) == OPS and OPS  # csrc/common/ (headers only) is not an op
+    assert discover_ops() == OPS  # tools/build_kernels.py starts one build per op of setup.py's
     for op, sources in every.items():
         assert f"csrc/{op}/{op}_api.cpp" in sources and any(s.endswith(".cu") for s in sources)
     monkeypatch.setenv("MMCAP_CUDA_OPS", "rmsnorm")
