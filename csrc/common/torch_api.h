@@ -4,7 +4,8 @@
 // Only what the bindings use: Tensor (its methods), at::empty / empty_like and pybind11 with
 // torch's Tensor casters (and STL ones: std::vector returns). <torch/extension.h> pulls in the
 // whole C++ frontend (nn, optim, data, ...): with it one binding took 118 s to compile at -O3 on
-// the 2-core CPU machine, with these 25 s (2026-11-30); the GPU machine's build is mostly that.
+// the 2-core CPU machine, with these 25 s (2026-11-30); by that ratio most of the H200 build
+// (111 s, 2026-11-29, not timed per file) was the bindings.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
